@@ -1,0 +1,232 @@
+"""The one Nacos client facade that GPU workers and the dispatcher share.
+
+``nacos-sdk-python`` 3.x is an asyncio + gRPC client.  Celery code is
+synchronous, so :class:`Registry` owns a background thread running an event
+loop, creates the SDK client *inside* that loop, and offers plain blocking
+methods, each bounded by a timeout.  Facts of the SDK this class relies on
+(see ``docs/architecture.md``):
+
+- an ephemeral instance lives exactly as long as this client's gRPC
+  connection; there is no heartbeat to send, and a killed process's instance
+  vanishes when the server notices the connection is gone;
+- one connection holds one instance per service: a process serving several
+  GPUs needs one :class:`Registry` per GPU;
+- ``update`` re-registers and replaces the whole metadata map;
+- pushes of an empty instance list are dropped unless
+  ``update_cache_when_empty`` is set — we set it, because "the last GPU is
+  gone" is exactly what the dispatcher must hear;
+- subscription callbacks run on the client's event loop, so calling back into
+  the client from one would deadlock; :meth:`Registry._call` refuses that with
+  a clear error instead of hanging;
+- gRPC channels do not survive ``fork()``: build the registry in the process
+  that uses it (a Celery ``worker_process_init`` or bootstep, never at import).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping
+
+from v2.nacos import (ClientConfigBuilder, DeregisterInstanceParam, ListInstanceParam, NacosException,
+                      NacosNamingService, RegisterInstanceParam, SubscribeServiceParam)
+
+log = logging.getLogger(__name__)
+
+#: Seconds :meth:`Registry.close` waits for the SDK to shut its connection.
+CLOSE_TIMEOUT = 5.0
+
+
+class RegistryError(Exception):
+    """A call to the Nacos server failed or timed out; safe to retry."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One registered instance as the registry reports it (SDK types stay inside this module)."""
+
+    ip: str
+    port: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    healthy: bool = True
+    enabled: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+Callback = Callable[[list[Instance]], None]
+
+
+class Registry:
+    """Blocking access to one Nacos service through one client connection.
+
+    :param server_addresses: ``host:port[,host:port]`` of the Nacos server(s) (HTTP port).
+    :param service: the service name, e.g. ``gpu-inference``.
+    :param namespace: Nacos namespace id; ``""`` is ``public``.
+    :param group: Nacos group, default ``DEFAULT_GROUP``.
+    :param username: Nacos user when the server has auth enabled, else ``""``.
+    :param password: that user's password.
+    :param timeout: seconds; the longest any one call may take.
+    :param home: directory under which the client writes its logs and cache
+        (``<home>/nacos-client``), instead of the user's home directory.
+    """
+
+    def __init__(self, *, server_addresses: str, service: str, home: str, namespace: str = "",
+                 group: str = "DEFAULT_GROUP", username: str = "", password: str = "",
+                 timeout: float = 5.0) -> None:
+        self.service = service
+        self.group = group
+        self.namespace = namespace
+        self.timeout = timeout
+        self.server_addresses = server_addresses
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nacos-registry", daemon=True)
+        self._thread.start()
+        client_dir = os.path.join(home, "nacos-client")
+        builder = (ClientConfigBuilder()
+                   .server_address(server_addresses)
+                   .namespace_id(namespace)
+                   .log_dir(os.path.join(client_dir, "logs"))
+                   .cache_dir(os.path.join(client_dir, "cache"))
+                   .log_level(logging.INFO))
+        if username:
+            builder = builder.username(username).password(password)
+        config = builder.build()
+        config.timeout_ms = int(timeout * 1000)
+        config.grpc_config.grpc_timeout = int(timeout * 1000)
+        config.update_cache_when_empty = True
+        config.load_cache_at_start = False
+        try:
+            self._client: NacosNamingService = self._call(NacosNamingService.create_naming_service(config),
+                                                          what="connect")
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @classmethod
+    def from_config(cls, conf: Any) -> "Registry":
+        """Build a registry from the settings in ``celeryconfig`` (or a Celery ``app.conf``)."""
+        get = conf.get if isinstance(conf, Mapping) else lambda name: getattr(conf, name)
+        return cls(server_addresses=get("nacos_server_addresses"), service=get("nacos_service"),
+                   namespace=get("nacos_namespace"), group=get("nacos_group"),
+                   username=get("nacos_username"), password=get("nacos_password"),
+                   timeout=get("nacos_timeout"), home=get("home"))
+
+    # -- instances ------------------------------------------------------------
+
+    def register(self, ip: str, port: int, metadata: Mapping[str, str]) -> None:
+        """Register (or replace) this client's ephemeral instance with ``metadata``."""
+        param = RegisterInstanceParam(ip=ip, port=port, metadata=dict(metadata), service_name=self.service,
+                                      group_name=self.group, ephemeral=True)
+        self._call(self._client.register_instance(param), what=f"register {ip}:{port}")
+
+    def update(self, ip: str, port: int, metadata: Mapping[str, str]) -> None:
+        """Replace the whole metadata map of this client's instance."""
+        param = RegisterInstanceParam(ip=ip, port=port, metadata=dict(metadata), service_name=self.service,
+                                      group_name=self.group, ephemeral=True)
+        self._call(self._client.update_instance(param), what=f"update {ip}:{port}")
+
+    def deregister(self, ip: str, port: int) -> None:
+        """Remove this client's instance now (the server also drops it when the client disconnects)."""
+        param = DeregisterInstanceParam(ip=ip, port=port, service_name=self.service, group_name=self.group,
+                                        ephemeral=True)
+        self._call(self._client.deregister_instance(param), what=f"deregister {ip}:{port}")
+
+    def list_instances(self, healthy_only: bool = True) -> list[Instance]:
+        """Instances of the service as the server reports them now."""
+        param = ListInstanceParam(service_name=self.service, group_name=self.group, subscribe=False,
+                                  healthy_only=True if healthy_only else None)
+        return [_convert(i) for i in self._call(self._client.list_instances(param), what="list instances")]
+
+    def subscribe(self, callback: Callback) -> None:
+        """Call ``callback(instances)`` on every change the server pushes, an empty list included.
+
+        The callback runs on the registry's event-loop thread: keep it short and
+        never call this registry from inside it.
+        """
+        async def on_change(instances: list) -> None:
+            try:
+                callback([_convert(i) for i in instances or []])
+            except Exception:  # a broken callback must not kill the SDK's push handling
+                log.exception("Nacos subscription callback for %s failed", self.service)
+
+        param = SubscribeServiceParam(service_name=self.service, group_name=self.group,
+                                      subscribe_callback=on_change)
+        self._call(self._client.subscribe(param), what=f"subscribe to {self.service}")
+
+    def server_healthy(self) -> bool:
+        """Whether the client's gRPC connection to the server is up right now."""
+        return bool(self._call(self._client.server_health(), what="health check"))
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def close(self) -> None:
+        """Shut the client's connection (dropping its ephemeral instance) and stop the loop thread.
+
+        Bounded: gives up after :data:`CLOSE_TIMEOUT` seconds.  Safe to call twice.
+        """
+        if self._loop.is_closed():
+            return
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._client.shutdown(), self._loop).result(CLOSE_TIMEOUT)
+            except Exception as exc:  # closing is best effort: the server drops us anyway
+                log.warning("Nacos client did not shut down cleanly: %s", exc)
+        self._stop_loop()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _stop_loop(self) -> None:
+        async def cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT) if tasks else None
+
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(cancel_rest(), self._loop).result(CLOSE_TIMEOUT + 1)
+            except Exception as exc:
+                log.debug("cancelling the Nacos client's tasks: %s", exc)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(CLOSE_TIMEOUT)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def _call(self, coro: Awaitable[Any], *, what: str) -> Any:
+        if threading.current_thread() is self._thread:
+            coro.close()  # type: ignore[attr-defined]
+            raise RuntimeError(f"cannot {what} from inside a Nacos subscription callback: it runs on the "
+                               "client's event loop and would deadlock; hand the work to another thread")
+        future = asyncio.run_coroutine_threadsafe(_bounded(coro, self.timeout), self._loop)
+        try:
+            return future.result(self.timeout + 1)
+        except (NacosException, asyncio.TimeoutError, FutureTimeout, OSError) as exc:
+            future.cancel()
+            raise RegistryError(f"Nacos at {self.server_addresses}: could not {what}: "
+                                f"{_describe(exc)} (GPU_DISPATCH_NACOS_SERVER, GPU_DISPATCH_NACOS_TIMEOUT)") from exc
+
+
+async def _bounded(coro: Awaitable[Any], timeout: float) -> Any:
+    return await asyncio.wait_for(coro, timeout)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (asyncio.TimeoutError, FutureTimeout)):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+def _convert(instance: Any) -> Instance:
+    return Instance(ip=instance.ip, port=int(instance.port), metadata=dict(instance.metadata or {}),
+                    healthy=bool(instance.healthy), enabled=bool(instance.enabled))

@@ -1,0 +1,18 @@
+"""Settings for the whole test run, fixed before any project module is imported.
+
+Integration tests run their own Redis and Nacos on non-default ports, so a
+developer's servers on the default ports (6379, 8848) are never touched.
+"""
+
+import os
+
+#: Ports of the servers the test session starts (Nacos also uses +1000 for gRPC and +2000 for its console).
+TEST_REDIS_PORT = 16399
+TEST_NACOS_PORT = 18848
+
+os.environ["GPU_DISPATCH_BROKER_URL"] = f"redis://127.0.0.1:{TEST_REDIS_PORT}/0"
+os.environ["GPU_DISPATCH_RESULT_BACKEND"] = f"redis://127.0.0.1:{TEST_REDIS_PORT}/1"
+os.environ["GPU_DISPATCH_NACOS_SERVER"] = f"127.0.0.1:{TEST_NACOS_PORT}"
+for name in ("GPU_DISPATCH_NACOS_NAMESPACE", "GPU_DISPATCH_NACOS_USERNAME", "GPU_DISPATCH_NACOS_PASSWORD",
+             "GPU_DISPATCH_NACOS_SERVICE", "GPU_DISPATCH_NACOS_GROUP"):
+    os.environ.pop(name, None)

@@ -1,0 +1,56 @@
+"""Real servers for the integration tests: one Redis and one Nacos per test session.
+
+They run on the non-default ports fixed in ``tests/conftest.py``.  If either
+cannot start, the whole run fails with the reason (it never skips).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+import celeryconfig
+from gpu_dispatch.registry import Registry
+from gpu_dispatch.servers import local_servers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def servers():
+    """Start Redis and Nacos for the session and stop them (and only them) at the end."""
+    redis_server, nacos_server = local_servers(celeryconfig)
+    started = []
+    try:
+        for server in (redis_server, nacos_server):
+            assert server.port not in (6379, 8848), "tests must never use the default ports"
+            # Leftovers of an interrupted run are ours (same port, our pid file): restart them cleanly.
+            server.stop()
+            print(server.start(timeout=120))
+            started.append(server)
+        yield redis_server, nacos_server
+    finally:
+        for server in reversed(started):
+            print(server.stop())
+
+
+@pytest.fixture
+def service_name() -> str:
+    """A Nacos service name of its own for each test, so tests never see each other's instances."""
+    return f"gpu-inference-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_registry(service_name):
+    """Build Registry clients on the test's own service; all are closed after the test."""
+    made: list[Registry] = []
+
+    def make(service: str | None = None) -> Registry:
+        conf = {name: getattr(celeryconfig, name) for name in dir(celeryconfig) if not name.startswith("_")}
+        conf["nacos_service"] = service or service_name
+        registry = Registry.from_config(conf)
+        made.append(registry)
+        return registry
+
+    yield make
+    for registry in made:
+        registry.close()

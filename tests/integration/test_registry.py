@@ -1,0 +1,115 @@
+"""The Nacos facade against a real Nacos server: registration, listing, pushes, liveness."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+from tests.support import PYTHON, log_tail, spawn, stop, wait_until
+
+#: The metadata keys the seed article's clients read, with plausible values.
+SEED_METADATA = {
+    "gpu_index": "0",
+    "memory_total_mb": "81920",
+    "memory_used_mb": "20480",
+    "memory_free_mb": "61440",
+    "gpu_util": "37",
+    "concurrent_requests": "2",
+    "model_name": "llama-7b",
+}
+
+#: Seconds within which a change must reach another client.
+PROPAGATION_DEADLINE = 10.0
+
+
+class Subscriber:
+    """Records every list the registry pushes; thread-safe."""
+
+    def __init__(self, registry) -> None:
+        self.views: list[dict[str, dict[str, str]]] = []
+        self._lock = threading.Lock()
+        registry.subscribe(self._on_change)
+
+    def _on_change(self, instances) -> None:
+        with self._lock:
+            self.views.append({i.key: dict(i.metadata) for i in instances})
+
+    def latest(self) -> dict[str, dict[str, str]] | None:
+        with self._lock:
+            return self.views[-1] if self.views else None
+
+
+def test_registered_instance_is_seen_with_identical_metadata_by_list_and_subscription(make_registry):
+    owner, watcher = make_registry(), make_registry()
+    subscriber = Subscriber(watcher)
+
+    owner.register("10.1.2.3", 8000, SEED_METADATA)
+
+    listed = wait_until(lambda: watcher.list_instances(), PROPAGATION_DEADLINE, "the instance in a list")
+    assert [(i.key, dict(i.metadata)) for i in listed] == [("10.1.2.3:8000", SEED_METADATA)]
+    pushed = wait_until(lambda: subscriber.latest(), PROPAGATION_DEADLINE, "a push with the instance")
+    assert pushed == {"10.1.2.3:8000": SEED_METADATA}
+
+
+def test_metadata_update_reaches_the_subscriber(make_registry):
+    owner, watcher = make_registry(), make_registry()
+    subscriber = Subscriber(watcher)
+    owner.register("10.1.2.3", 8000, SEED_METADATA)
+    wait_until(lambda: subscriber.latest(), PROPAGATION_DEADLINE, "the first push")
+
+    updated = {**SEED_METADATA, "memory_used_mb": "81000", "memory_free_mb": "920", "gpu_util": "99"}
+    owner.update("10.1.2.3", 8000, updated)
+
+    wait_until(lambda: subscriber.latest() == {"10.1.2.3:8000": updated}, PROPAGATION_DEADLINE,
+               "the updated metadata in a push")
+
+
+def test_subscriber_sees_an_empty_list_when_the_last_instance_goes(make_registry):
+    owner, watcher = make_registry(), make_registry()
+    subscriber = Subscriber(watcher)
+    owner.register("10.1.2.3", 8000, SEED_METADATA)
+    wait_until(lambda: subscriber.latest(), PROPAGATION_DEADLINE, "the first push")
+
+    owner.deregister("10.1.2.3", 8000)
+
+    wait_until(lambda: subscriber.latest() == {}, PROPAGATION_DEADLINE, "a push of the empty list")
+    assert watcher.list_instances() == []
+
+
+def test_instance_of_a_process_killed_with_sigkill_disappears_from_the_subscribers_view(make_registry,
+                                                                                          service_name):
+    watcher = make_registry()
+    subscriber = Subscriber(watcher)
+    proc = spawn([PYTHON, "-m", "tests.integration.register_instance", service_name, "10.9.9.9", "8001",
+                  "gpu_index=1"], "register_instance")
+    try:
+        wait_until(lambda: subscriber.latest() == {"10.9.9.9:8001": {"gpu_index": "1"}}, 30,
+                   f"the child's instance to appear; its log:\n{log_tail('register_instance')}")
+
+        killed_at = time.monotonic()
+        stop(proc, signal.SIGKILL)
+        wait_until(lambda: subscriber.latest() == {}, 60, "the killed process's instance to disappear")
+        vanished_after = time.monotonic() - killed_at
+    finally:
+        stop(proc, signal.SIGKILL)
+
+    print(f"\ninstance of a SIGKILLed process vanished from the subscriber's view after {vanished_after:.2f} s")
+    assert watcher.list_instances() == []
+
+
+def test_calling_the_registry_from_its_own_callback_fails_fast_instead_of_deadlocking(make_registry):
+    owner, watcher = make_registry(), make_registry()
+    errors: list[BaseException] = []
+
+    def reentrant(instances) -> None:
+        try:
+            watcher.list_instances()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    watcher.subscribe(reentrant)
+    owner.register("10.1.2.3", 8000, SEED_METADATA)
+
+    error = wait_until(lambda: errors, PROPAGATION_DEADLINE, "the callback's error")[0]
+    assert "subscription callback" in str(error)
