@@ -19,6 +19,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from kombu import Exchange
+
+from gpu_dispatch import contract
+
 
 class SettingError(ValueError):
     """A setting's environment variable holds a value we cannot use."""
@@ -55,13 +59,10 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _flag(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+def _choice(raw: str, allowed: set[str]) -> str:
+    if raw not in allowed:
+        raise ValueError(f"expected one of {', '.join(sorted(allowed))}")
+    return raw
 
 
 # --- Broker and result backend (Redis) --------------------------------------
@@ -116,3 +117,86 @@ nacos_timeout = _declare(
 home = _declare(
     "GPU_DISPATCH_HOME", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".local"), "directory",
     "where servers' data, logs, pid files and the Nacos client's logs and cache are kept")
+
+# --- GPU workers ---------------------------------------------------------------
+
+gpu_source = _declare(
+    "GPU_DISPATCH_GPU_SOURCE", "auto", "auto|nvml|simulated",
+    "where a GPU worker reads its GPU: NVML, a simulated GPU, or NVML when a driver answers else simulated",
+    lambda raw: _choice(raw, {"auto", "nvml", "simulated"}))
+worker_ip = _declare(
+    "GPU_DISPATCH_WORKER_IP", "", "IP address",
+    "address a GPU worker registers in Nacos; empty means this host's address")
+base_port = _declare(
+    "GPU_DISPATCH_BASE_PORT", 8000, "TCP port",
+    "a GPU's instance port is this + its GPU index (its model server's port, as in the seed article)",
+    _positive(int))
+max_concurrency = _declare(
+    "GPU_DISPATCH_MAX_CONCURRENCY", 4, "requests",
+    "inference requests one GPU worker runs at once (its Celery concurrency)", _positive(int))
+model_name = _declare(
+    "GPU_DISPATCH_MODEL_NAME", "llama-7b-sim", "name", "model a GPU worker serves, published as model_name")
+refresh_interval = _declare(
+    "GPU_DISPATCH_REFRESH_INTERVAL", 5.0, "seconds",
+    "period of refresh_gpu_metadata (celery beat); metadata is never older than twice this", _positive(float))
+max_inference_seconds = _declare(
+    "GPU_DISPATCH_MAX_INFERENCE_SECONDS", 600, "seconds",
+    "hard time limit of one inference; the broker's visibility timeout is set above it", _positive(int))
+backend = _declare(
+    "GPU_DISPATCH_BACKEND", "simulated", "simulated|openai|python",
+    "what run_inference calls: a simulated model, an OpenAI-compatible server, or a Python callable",
+    lambda raw: _choice(raw, {"simulated", "openai", "python"}))
+openai_url = _declare(
+    "GPU_DISPATCH_OPENAI_URL", "", "URL",
+    "completions endpoint of the openai backend; empty means http://<instance ip>:<instance port>/v1/completions")
+openai_model = _declare(
+    "GPU_DISPATCH_OPENAI_MODEL", "", "name", "model field sent to the openai backend; empty means model_name")
+openai_connect_timeout = _declare(
+    "GPU_DISPATCH_OPENAI_CONNECT_TIMEOUT", 3.0, "seconds", "connect timeout of the openai backend", _positive(float))
+openai_read_timeout = _declare(
+    "GPU_DISPATCH_OPENAI_READ_TIMEOUT", 120.0, "seconds", "read timeout of the openai backend", _positive(float))
+python_callable = _declare(
+    "GPU_DISPATCH_PYTHON_CALLABLE", "", "module:function",
+    "callable of the python backend, called as f(prompt, **options) -> str | dict; loaded once per worker")
+
+# Simulated GPUs (where no NVML driver answers, or GPU_DISPATCH_GPU_SOURCE=simulated).
+sim_memory_mb = _declare(
+    "GPU_DISPATCH_SIM_MEMORY_MB", 81920, "MiB", "total memory of a simulated GPU", _positive(int))
+sim_tenants = _declare(
+    "GPU_DISPATCH_SIM_TENANTS", "idle", "idle|steady|bursty|nearly-full",
+    "load other tenants put on a simulated GPU",
+    lambda raw: _choice(raw, {"idle", "steady", "bursty", "nearly-full"}))
+sim_seed = _declare(
+    "GPU_DISPATCH_SIM_SEED", 0, "integer", "seed of the simulated tenants' load (reproducible runs)", int)
+sim_ms_per_token = _declare(
+    "GPU_DISPATCH_SIM_MS_PER_TOKEN", 2.0, "milliseconds",
+    "simulated decode time per token on an idle GPU (slower as the GPU fills)", _positive(float))
+sim_request_memory_mb = _declare(
+    "GPU_DISPATCH_SIM_REQUEST_MEMORY_MB", 2048, "MiB",
+    "memory a simulated request holds while it runs, unless the request says memory_mb", _positive(int))
+
+# Celery settings that follow from the ones above.  acks_late + reject_on_worker_lost:
+# a request whose worker dies mid-task goes back to the broker instead of vanishing.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+# Redis redelivers an unacknowledged message after the visibility timeout: keep it above
+# the longest allowed inference, or a slow request would run twice.
+broker_transport_options = {"visibility_timeout": max_inference_seconds + 60}
+result_backend_transport_options = {"visibility_timeout": max_inference_seconds + 60}
+
+# refresh_gpu_metadata to every GPU worker, through a fan-out exchange.  The producer
+# (beat) must declare the exchange itself: on Redis, a message published to a fan-out
+# exchange this process has not declared is routed as direct and silently lost, and
+# Celery never declares Broadcast queues when publishing.  `expires`: a refresh that
+# would run later than its interval is dropped; the next one is already due.
+_refresh_exchange = Exchange(contract.REFRESH_EXCHANGE, type="fanout", durable=False)
+beat_schedule = {
+    "refresh-gpu-metadata": {
+        "task": contract.REFRESH_TASK,
+        "schedule": refresh_interval,
+        "options": {"exchange": _refresh_exchange, "routing_key": contract.REFRESH_EXCHANGE,
+                    "declare": [_refresh_exchange], "expires": refresh_interval},
+    },
+}
+beat_schedule_filename = os.path.join(home, "celerybeat-schedule")

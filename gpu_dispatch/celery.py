@@ -1,12 +1,15 @@
 """The Celery application: ``celery -A gpu_dispatch worker ...`` finds it here.
 
-Settings come from ``celeryconfig.py`` (environment variables); the task
-modules of the dispatcher and the GPU workers are included by name, so the
-app can be imported anywhere without importing NVML, model code or Nacos.
+Settings come from ``celeryconfig.py`` (environment variables).  The GPU
+worker's bootsteps add the ``--gpu N`` worker option; a worker started
+without it is an ordinary worker (the central dispatcher, for instance).
 """
 
 from celery import Celery
 
+from workers import steps
+
 app = Celery("gpu_dispatch")
 app.config_from_object("celeryconfig")
-app.conf.include = []
+app.conf.include = ["workers.tasks"]
+steps.install(app)

@@ -59,3 +59,50 @@ def log_tail(name: str, lines: int = 40) -> str:
 
 
 PYTHON = sys.executable
+
+
+class CeleryProcess:
+    """A real ``celery -A gpu_dispatch`` process (worker or beat) started by a test."""
+
+    def __init__(self, argv: list[str], name: str, env: dict[str, str]) -> None:
+        self.argv, self.name, self.env = argv, name, env
+        self.proc = spawn(argv, name, env)
+
+    def restart(self) -> None:
+        self.proc = spawn(self.argv, f"{self.name}.restarted", self.env)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        return stop(self.proc, sig, timeout)
+
+    def log(self, lines: int = 60) -> str:
+        return log_tail(self.name, lines)
+
+
+def start_gpu_worker(app, gpu: int, service: str, *, concurrency: int = 2, env: dict[str, str] | None = None,
+                     hostname: str | None = None, wait: bool = True) -> CeleryProcess:
+    """Start ``celery -A gpu_dispatch worker --gpu N`` on the test's Nacos service; wait for its ping."""
+    node = hostname or f"gpu{gpu}-{service}@localhost"
+    worker_env = {"GPU_DISPATCH_NACOS_SERVICE": service, "GPU_DISPATCH_WORKER_IP": "127.0.0.1",
+                  "GPU_DISPATCH_GPU_SOURCE": "simulated", **(env or {})}
+    worker = CeleryProcess([PYTHON, "-m", "celery", "-A", "gpu_dispatch", "worker", "--gpu", str(gpu),
+                            "--pool", "threads", "--concurrency", str(concurrency), "-n", node,
+                            "--without-gossip", "--without-mingle", "--loglevel", "info"],
+                           f"gpu{gpu}-{service}", worker_env)
+    worker.node = node
+    if wait:
+        wait_until(lambda: not worker.alive() or app.control.ping([node], timeout=0.5), 60,
+                   f"GPU worker {node} to answer a ping")
+        assert worker.alive(), f"GPU worker {node} exited:\n{worker.log()}"
+    return worker
+
+
+def start_beat(service: str, env: dict[str, str] | None = None) -> CeleryProcess:
+    """Start ``celery -A gpu_dispatch beat`` with its schedule file in the test log directory."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    schedule = LOG_DIR / f"beat-{service}.schedule"
+    return CeleryProcess([PYTHON, "-m", "celery", "-A", "gpu_dispatch", "beat", "--schedule", str(schedule),
+                          "--loglevel", "info"], f"beat-{service}",
+                         {"GPU_DISPATCH_NACOS_SERVICE": service, **(env or {})})

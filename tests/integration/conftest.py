@@ -54,3 +54,21 @@ def make_registry(service_name):
     yield make
     for registry in made:
         registry.close()
+
+
+@pytest.fixture(autouse=True)
+def clean_broker(servers):
+    """Every test starts with empty broker and result databases (queues are named by ip:port)."""
+    import redis
+
+    for url in (celeryconfig.broker_url, celeryconfig.result_backend):
+        redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture
+def celery_processes():
+    """Collects the Celery processes a test starts and stops them all afterwards, whatever happens."""
+    started = []
+    yield started
+    for process in started:
+        process.stop(timeout=15)

@@ -1,0 +1,77 @@
+"""The tasks a GPU worker runs: ``run_inference`` and ``refresh_gpu_metadata``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Task
+
+from gpu_dispatch.celery import app
+from gpu_dispatch.contract import INFERENCE_TASK, REFRESH_TASK
+from gpu_dispatch.registry import RegistryError
+from workers import runtime
+from workers.backends import DEFAULT_MAX_TOKENS
+
+
+class ModelMismatch(ValueError):
+    """The request names a model this GPU worker does not serve."""
+
+
+class RefreshTask(Task):
+    """Retries go to this worker's own control queue: a retry sent back to the fan-out
+    exchange would refresh every GPU worker — or, with none subscribed, be lost."""
+
+    def retry(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("queue", runtime.current().control_queue)
+        return super().retry(*args, **kwargs)
+
+
+@app.task(name=REFRESH_TASK, base=RefreshTask, bind=True, ignore_result=True, acks_late=False,
+          autoretry_for=(RegistryError,), retry_backoff=0.5, retry_backoff_max=app.conf.refresh_interval,
+          retry_jitter=True, max_retries=8)
+def refresh_gpu_metadata(self: Task) -> None:
+    """Read this worker's GPU and put the reading into its Nacos instance (registering it if needed).
+
+    Runs on every GPU worker (fan-out), in the worker's refresh lane, never in
+    an inference slot.  Nacos errors are retried with exponential backoff and
+    jitter (at most ``max_retries`` times, each wait at most one refresh
+    interval); a refresh that would run after its ``expires`` is dropped.
+    """
+    runtime.current().publish()
+
+
+@app.task(name=INFERENCE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_inference(self: Task, prompt: str, **options: Any) -> dict:
+    """Run one inference on this worker's GPU and return the text, the GPU that served it and timings.
+
+    Recognised options: ``max_tokens`` (default 32), ``memory_mb`` (memory the
+    request holds while running; the simulated backend's default is
+    ``GPU_DISPATCH_SIM_REQUEST_MEMORY_MB``), ``model`` (must be the model this
+    worker serves).  Other options go to the backend unchanged.
+
+    Acknowledged late and rejected (re-queued) if the worker is lost mid-task,
+    so a killed worker's request runs again rather than vanishing.
+    """
+    worker = runtime.current()
+    model = options.pop("model", None)
+    if model and model != worker.conf.model_name:
+        raise ModelMismatch(f"this GPU worker ({worker.queue}) serves {worker.conf.model_name!r}, "
+                            f"not {model!r}")
+    max_tokens = int(options.pop("max_tokens", None) or DEFAULT_MAX_TOKENS)
+    memory_mb = int(options.pop("memory_mb", None) or worker.conf.sim_request_memory_mb)
+    started = time.time()
+    with worker.inflight.hold(memory_mb):
+        text, usage = worker.backend.complete(prompt, max_tokens=max_tokens, **options)
+    finished = time.time()
+    return {
+        "text": text,
+        "model": worker.conf.model_name,
+        "usage": usage,
+        "gpu": {"ip": worker.ip, "port": worker.port, "gpu_index": worker.gpu_index, "queue": worker.queue,
+                "worker": worker.hostname, "source": worker.gpu.source},
+        "timings": {"started_at": started, "finished_at": finished,
+                    "run_ms": round((finished - started) * 1000, 3)},
+        "task_id": self.request.id,
+        "delivery": {"redelivered": bool((self.request.delivery_info or {}).get("redelivered"))},
+    }
