@@ -181,9 +181,13 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # Redis redelivers an unacknowledged message after the visibility timeout: keep it above
-# the longest allowed inference, or a slow request would run twice.
-broker_transport_options = {"visibility_timeout": max_inference_seconds + 60}
-result_backend_transport_options = {"visibility_timeout": max_inference_seconds + 60}
+# the longest allowed inference, or a slow request would run twice.  Workers look for
+# such messages every 5 s (kombu's default is every 100 s).
+broker_transport_options = {
+    "visibility_timeout": int(max_inference_seconds * 1.25) + 5,
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
+}
 
 # refresh_gpu_metadata to every GPU worker, through a fan-out exchange.  The producer
 # (beat) must declare the exchange itself: on Redis, a message published to a fan-out

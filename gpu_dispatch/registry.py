@@ -94,7 +94,7 @@ class Registry:
                    .namespace_id(namespace)
                    .log_dir(os.path.join(client_dir, "logs"))
                    .cache_dir(os.path.join(client_dir, "cache"))
-                   .log_level(logging.INFO))
+                   .log_level(logging.WARNING))
         if username:
             builder = builder.username(username).password(password)
         config = builder.build()

@@ -33,6 +33,7 @@ from click import Option
 from kombu import Consumer, Exchange, Queue
 
 from gpu_dispatch.contract import REFRESH_EXCHANGE, REFRESH_TASK
+import workers.control  # noqa: F401  (registers the gpu_set_tenants control command)
 from workers import runtime
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,184 @@
+"""GPU workers against a real Redis and a real Nacos: registration, freshness, liveness, shutdown."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import redis
+
+import celeryconfig
+from gpu_dispatch.celery import app
+from tests.support import start_beat, start_gpu_worker, wait_until
+from workers.runtime import METADATA_LIMIT
+
+#: Refresh interval the tests run beat with, seconds.
+INTERVAL = 1.0
+FAST = {"GPU_DISPATCH_REFRESH_INTERVAL": str(INTERVAL)}
+
+SEED_KEYS = {"gpu_index", "memory_total_mb", "memory_used_mb", "memory_free_mb", "gpu_util",
+             "concurrent_requests", "model_name"}
+OUR_KEYS = {"queue", "worker", "updated_at", "source", "gpu_name", "gpu_uuid", "max_concurrency", "schema"}
+
+
+def instances_by_port(registry) -> dict[int, dict[str, str]]:
+    return {i.port: dict(i.metadata) for i in registry.list_instances()}
+
+
+def reading_age_s(metadata: dict[str, str]) -> float:
+    return time.time() - int(metadata["updated_at"]) / 1000
+
+
+def send_inference(queue: str, prompt: str = "hello", **options):
+    return app.send_task("run_inference", args=[prompt], kwargs=options, queue=queue)
+
+
+def test_two_workers_register_complete_metadata_under_the_size_limit_even_with_a_long_host_name(
+        make_registry, service_name, celery_processes):
+    long_node = "gpu0-" + "a-very-long-host-name-" * 6 + "@" + "rack-42.datacenter-west.example.internal"
+    celery_processes.append(start_gpu_worker(app, 0, service_name, hostname=long_node))
+    celery_processes.append(start_gpu_worker(app, 1, service_name))
+    watcher = make_registry()
+
+    found = wait_until(lambda: len(instances_by_port(watcher)) == 2 and instances_by_port(watcher), 30,
+                       "both workers in Nacos")
+
+    for port, metadata in found.items():
+        assert set(metadata) == SEED_KEYS | OUR_KEYS
+        assert metadata["gpu_index"] == str(port - 8000)
+        assert metadata["queue"] == f"gpu.127.0.0.1.{port}"
+        assert metadata["source"] == "simulated"
+        assert metadata["max_concurrency"] == "2"
+        used, free = int(metadata["memory_used_mb"]), int(metadata["memory_free_mb"])
+        assert used + free == int(metadata["memory_total_mb"])
+        assert sum(len(k) + len(v) for k, v in metadata.items()) <= METADATA_LIMIT < 1024
+    assert found[8000]["worker"] == long_node
+
+
+def test_a_change_of_the_simulated_tenants_load_shows_in_nacos_within_two_refresh_intervals(
+        make_registry, service_name, celery_processes):
+    worker = start_gpu_worker(app, 0, service_name, env={**FAST, "GPU_DISPATCH_SIM_TENANTS": "idle"})
+    celery_processes += [worker, start_beat(service_name, FAST)]
+    watcher = make_registry()
+    wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")
+    assert int(instances_by_port(watcher)[8000]["memory_used_mb"]) < 81920 * 0.2
+
+    reply = app.control.broadcast("gpu_set_tenants", arguments={"tenants": "nearly-full"},
+                                  destination=[worker.node], reply=True, timeout=5)
+    changed_at = time.monotonic()
+    assert reply and "ok" in list(reply[0].values())[0], reply
+
+    wait_until(lambda: int(instances_by_port(watcher)[8000]["memory_used_mb"]) > 81920 * 0.8,
+               2 * INTERVAL + 1.0, "the nearly-full load in Nacos")  # + 1 s for Nacos's own push
+    print(f"\nnew load visible in Nacos after {time.monotonic() - changed_at:.2f} s")
+
+
+def test_metadata_stays_fresh_while_every_inference_slot_is_busy(make_registry, service_name,
+                                                                 celery_processes):
+    env = {**FAST, "GPU_DISPATCH_SIM_MS_PER_TOKEN": "10"}
+    celery_processes += [start_gpu_worker(app, 0, service_name, concurrency=2, env=env),
+                         start_beat(service_name, FAST)]
+    watcher = make_registry()
+    queue = wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")["queue"]
+
+    # 2 slots, 6 requests of ~1.5-4.5 s each: both slots stay busy for the whole check.
+    results = [send_inference(queue, max_tokens=150) for _ in range(6)]
+    wait_until(lambda: instances_by_port(watcher)[8000]["concurrent_requests"] == "2", 10, "both slots busy")
+
+    ages = []
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        metadata = instances_by_port(watcher)[8000]
+        assert metadata["concurrent_requests"] == "2", "a slot fell idle during the check"
+        ages.append(reading_age_s(metadata))
+        time.sleep(0.2)
+    print(f"\nreading age while all slots busy: max {max(ages):.2f} s over {len(ages)} looks")
+    assert max(ages) <= 2 * INTERVAL
+    for result in results:
+        result.get(timeout=60)
+
+
+def test_concurrent_requests_matches_the_requests_really_in_flight(make_registry, service_name,
+                                                                   celery_processes):
+    env = {**FAST, "GPU_DISPATCH_SIM_MS_PER_TOKEN": "10"}
+    celery_processes += [start_gpu_worker(app, 0, service_name, concurrency=3, env=env),
+                         start_beat(service_name, FAST)]
+    watcher = make_registry()
+    queue = wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")["queue"]
+    assert instances_by_port(watcher)[8000]["concurrent_requests"] == "0"
+
+    results = [send_inference(queue, max_tokens=300) for _ in range(2)]
+    wait_until(lambda: instances_by_port(watcher)[8000]["concurrent_requests"] == "2", 10,
+               "2 requests in flight")
+    for result in results:
+        result.get(timeout=60)
+    wait_until(lambda: instances_by_port(watcher)[8000]["concurrent_requests"] == "0", 10,
+               "0 requests in flight after they finished")
+
+
+def test_refresh_retries_with_backoff_while_nacos_is_down_and_recovers_when_it_returns(
+        servers, make_registry, service_name, celery_processes):
+    _, nacos = servers
+    worker = start_gpu_worker(app, 0, service_name, env=FAST)
+    celery_processes += [worker, start_beat(service_name, FAST)]
+    watcher = make_registry()
+    wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")
+    watcher.close()
+
+    nacos.stop()
+    try:
+        wait_until(lambda: "Retry in" in worker.log(200), 30, "a refresh to be retried")
+    finally:
+        nacos.start(timeout=120)
+    watcher = make_registry()
+    back = wait_until(lambda: instances_by_port(watcher).get(8000), 45, "the worker back in Nacos")
+    assert reading_age_s(back) <= 2 * INTERVAL + 1
+    retries = [line for line in worker.log(400).splitlines() if "Retry in" in line]
+    print(f"\n{len(retries)} retries while Nacos was down; first: {retries[0].strip()[-80:]}")
+
+
+def test_sigkill_removes_the_instance_and_the_running_request_is_delivered_again_after_restart(
+        make_registry, service_name, celery_processes):
+    # A short visibility timeout, so the broker hands the unacknowledged request back quickly.
+    env = {**FAST, "GPU_DISPATCH_SIM_MS_PER_TOKEN": "10", "GPU_DISPATCH_MAX_INFERENCE_SECONDS": "3"}
+    worker = start_gpu_worker(app, 0, service_name, concurrency=1, env=env)
+    celery_processes += [worker, start_beat(service_name, FAST)]
+    watcher = make_registry()
+    queue = wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")["queue"]
+    result = send_inference(queue, "survive me", max_tokens=200)
+    wait_until(lambda: instances_by_port(watcher)[8000]["concurrent_requests"] == "1", 10, "the request running")
+
+    killed_at = time.monotonic()
+    worker.stop(signal.SIGKILL)
+    wait_until(lambda: 8000 not in instances_by_port(watcher), 30, "the killed worker's instance to go")
+    print(f"\nSIGKILLed worker's instance gone after {time.monotonic() - killed_at:.2f} s")
+    assert not result.ready()
+
+    worker.restart()
+    answer = result.get(timeout=90)
+    assert answer["gpu"]["queue"] == queue
+    assert answer["task_id"] == result.id
+    print(f"request delivered again and answered {time.monotonic() - killed_at:.2f} s after the kill")
+
+
+def test_warm_shutdown_deregisters_before_the_running_request_ends_and_hands_back_the_waiting_ones(
+        make_registry, service_name, celery_processes):
+    env = {**FAST, "GPU_DISPATCH_SIM_MS_PER_TOKEN": "10"}
+    worker = start_gpu_worker(app, 0, service_name, concurrency=1, env=env)
+    celery_processes += [worker, start_beat(service_name, FAST)]
+    watcher = make_registry()
+    queue = wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")["queue"]
+    running = send_inference(queue, max_tokens=300)  # ~3 s
+    waiting = [send_inference(queue, max_tokens=1) for _ in range(3)]
+    wait_until(lambda: instances_by_port(watcher)[8000]["concurrent_requests"] == "1", 10, "the request running")
+
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: 8000 not in instances_by_port(watcher), 10, "the instance to be deregistered")
+    assert not running.ready(), "deregistration must come before the running request ends"
+
+    assert running.get(timeout=30)["gpu"]["queue"] == queue
+    assert worker.proc.wait(30) == 0
+    broker = redis.Redis.from_url(celeryconfig.broker_url)
+    assert broker.llen(queue) == len(waiting), "the waiting requests must be back in the GPU's queue"
+    assert not any(r.ready() for r in waiting)
