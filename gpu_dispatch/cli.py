@@ -7,11 +7,14 @@ config``).
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import click
 
 import celeryconfig
+from gpu_dispatch.processes import beat_argv, flower_argv, gpu_worker_argv
 from gpu_dispatch.servers import ServerError, local_servers
 
 
@@ -63,14 +66,129 @@ def servers_status() -> None:
     sys.exit(0 if all(s.answering for s in statuses) else 1)
 
 
-@main.command("config")
-def config() -> None:
-    """Print every setting: environment variable, value in force, default, unit and meaning."""
-    import os
+@main.command("worker", context_settings={"ignore_unknown_options": True})
+@click.option("--gpu", "gpu", type=int, required=True, help="Index of the GPU this worker serves.")
+@click.option("--concurrency", "-c", type=int, default=None,
+              help="Inference slots [default: GPU_DISPATCH_MAX_CONCURRENCY].")
+@click.option("--tenants", type=click.Choice(["idle", "steady", "bursty", "nearly-full"]), default=None,
+              help="Other tenants' load on a simulated GPU [default: GPU_DISPATCH_SIM_TENANTS].")
+@click.option("--simulated", is_flag=True, help="Use a simulated GPU even where NVML answers.")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(gpu: int, concurrency: int | None, tenants: str | None, simulated: bool, celery_args) -> None:
+    """Run the Celery worker of one GPU (extra arguments go to `celery worker`).
 
+    The same as: celery -A gpu_dispatch worker --gpu N --pool threads --concurrency C -n gpuN@%h
+    """
+    env = {}
+    if tenants:
+        env["GPU_DISPATCH_SIM_TENANTS"] = tenants
+    if simulated:
+        env["GPU_DISPATCH_GPU_SOURCE"] = "simulated"
+    argv = gpu_worker_argv(gpu, concurrency or celeryconfig.max_concurrency) + list(celery_args)
+    _exec(argv, env)
+
+
+@main.command("beat")
+def beat() -> None:
+    """Run celery beat, which sends refresh_gpu_metadata to every GPU worker each refresh interval."""
+    _exec(beat_argv(os.path.join(celeryconfig.home, "celerybeat-schedule")), {})
+
+
+@main.command("flower")
+@click.option("--port", default=5555, show_default=True, help="Port of Flower's web UI.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address Flower listens on.")
+def flower(port: int, address: str) -> None:
+    """Run Flower to watch dispatch and inference tasks (task events are on)."""
+    _exec(flower_argv(port, address), {})
+
+
+def _exec(argv: list[str], env: dict[str, str]) -> None:
+    """Replace this process with ``argv``: Ctrl-C and signals reach Celery itself, nothing is left behind."""
+    os.environ.update(env)
+    os.execv(argv[0], argv)
+
+
+@main.command("status")
+@click.option("--once", is_flag=True, help="Print one snapshot and exit instead of refreshing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON (for scripts) and exit.")
+@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--profile", default="default", show_default=True, help="Scoring profile to score with.")
+def status(once: bool, as_json: bool, interval: float, profile: str) -> None:
+    """Every registered GPU: memory, utilisation, work in flight, queue depth, age, score, probability."""
+    import json
+
+    import redis
+    from rich.console import Console
+    from rich.live import Live
+
+    from gpu_dispatch.registry import Registry, RegistryError
+    from gpu_dispatch.status import render, snapshot
+
+    try:
+        registry = Registry.from_config(celeryconfig)
+    except RegistryError as exc:
+        raise click.ClickException(f"{exc}\nIs Nacos up? (gpu-dispatch servers status)") from None
+    broker = redis.Redis.from_url(celeryconfig.broker_url)
+    try:
+        if as_json:
+            click.echo(json.dumps(snapshot(registry, broker, profile), indent=2))
+            return
+        console = Console()
+        if once:
+            console.print(render(snapshot(registry, broker, profile), profile))
+            return
+        with Live(render(snapshot(registry, broker, profile), profile), console=console) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render(snapshot(registry, broker, profile), profile))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        registry.close()
+
+
+@main.command("demo")
+@click.option("--prompts", default=300, show_default=True, help="Prompts to send.")
+@click.option("--rate", default=60.0, show_default=True, help="Prompts sent per second.")
+@click.option("--keep", is_flag=True, help="Leave everything running afterwards (Ctrl-C stops it).")
+@click.option("--flower-port", default=5555, show_default=True, help="Port of Flower's web UI.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Where to save the plot [default: <GPU_DISPATCH_HOME>/demo/demo.png].")
+def demo(prompts: int, rate: float, keep: bool, flower_port: int, plot: str | None) -> None:
+    """Real dispatch over four simulated GPUs: servers, workers, beat, dispatcher, Flower, prompts, summary."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from gpu_dispatch.demo import default_plot_path, run
+
+    if prompts < 1 or rate <= 0:
+        raise click.BadParameter("--prompts must be at least 1 and --rate above 0")
+    sys.exit(run(prompts, rate, keep, flower_port, Path(plot) if plot else default_plot_path(), Console()))
+
+
+@main.command("config")
+@click.option("--markdown", is_flag=True, help="Print the reference table of docs/configuration.md instead.")
+def config(markdown: bool) -> None:
+    """Print every setting: environment variable, value in force, default, unit and meaning."""
+    if markdown:
+        click.echo(config_reference())
+        return
     for setting in celeryconfig.SETTINGS.values():
         value = os.environ.get(setting.env, setting.default)
         if "PASSWORD" in setting.env and value:
             value = "***"
         click.echo(f"{setting.env}={value}")
         click.echo(f"    {setting.meaning} [{setting.unit}; default {setting.default!r}]")
+
+
+def config_reference() -> str:
+    """The settings as a Markdown table (docs/configuration.md embeds it; a test keeps the two equal)."""
+    home_default = celeryconfig.SETTINGS["GPU_DISPATCH_HOME"].default
+    lines = ["| variable | default | unit | meaning |", "| --- | --- | --- | --- |"]
+    for s in celeryconfig.SETTINGS.values():
+        default = "`.local/` beside celeryconfig.py" if s.default == home_default else f"`{s.default}`"
+        if s.env == "GPU_DISPATCH_RESULT_BACKEND":
+            default = "the broker URL"
+        lines.append(f"| `{s.env}` | {default or '(empty)'} | {s.unit} | {s.meaning.replace('|', '/')} |")
+    return "\n".join(lines)

@@ -1,0 +1,244 @@
+"""``gpu-dispatch demo``: real dispatch over four simulated GPUs, from nothing to a summary.
+
+Brings up Redis and Nacos (if they are not already answering), four GPU
+workers whose simulated GPUs carry different loads from other tenants (one
+nearly full, one bursty, two nearly idle), celery beat, a central dispatcher
+worker and Flower; sends prompts through ``dispatch_inference.delay`` with a
+progress bar; prints requests per GPU, latency percentiles and how the share
+of requests tracked free memory (a text chart, and a plot saved to a file);
+then stops everything it started (``--keep`` leaves it running).
+
+Exit status 1 if any request was lost (no result and no error on its
+AsyncResult), 2 if the set-up failed.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import celeryconfig
+from gpu_dispatch.processes import Supervisor, beat_argv, celery, flower_argv, gpu_worker_argv
+from gpu_dispatch.registry import Registry
+from gpu_dispatch.servers import local_servers
+
+#: The simulated cluster: (GPU index, other tenants' profile).
+GPUS = ((0, "nearly-full"), (1, "bursty"), (2, "idle"), (3, "idle"))
+#: Settings the demo's processes run with: quick refreshes and requests long enough to build load.
+DEMO_ENV = {"GPU_DISPATCH_REFRESH_INTERVAL": "1", "GPU_DISPATCH_SIM_MS_PER_TOKEN": "8",
+            "GPU_DISPATCH_GPU_SOURCE": "simulated", "GPU_DISPATCH_WORKER_IP": "127.0.0.1"}
+#: Inference slots per simulated GPU.
+SLOTS = 4
+#: Seconds to wait for every GPU to register.
+REGISTER_TIMEOUT = 90.0
+
+
+@dataclass
+class Outcome:
+    sent: int = 0
+    answers: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    lost: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    #: (seconds since start, {queue: free MiB}) samples of what Nacos said.
+    free_memory: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+
+
+def run(prompts: int, rate: float, keep: bool, flower_port: int, plot: Path | None, console) -> int:
+    home = Path(celeryconfig.home)
+    logs = home / "demo"
+    supervisor = Supervisor(logs)
+    started_servers = []
+    console.print(f"[bold]gpu-dispatch demo[/bold] — logs in {logs}")
+    try:
+        for server in local_servers(celeryconfig):
+            was_ours = server.status().managed or not server.answering()
+            console.print(f"  {server.start(timeout=120)}")
+            if was_ours:
+                started_servers.append(server)
+        env = dict(DEMO_ENV)
+        for gpu, tenants in GPUS:
+            supervisor.start(f"gpu{gpu}", gpu_worker_argv(gpu, SLOTS, node=f"demo-gpu{gpu}@%h"),
+                             {**env, "GPU_DISPATCH_SIM_TENANTS": tenants, "GPU_DISPATCH_SIM_SEED": str(gpu)})
+        supervisor.start("beat", beat_argv(str(logs / "celerybeat-schedule")), env)
+        supervisor.start("dispatcher", celery("worker", "-Q", "dispatch", "--pool", "threads", "--concurrency", "4",
+                                              "-n", "demo-dispatcher@%h", "--loglevel", "info"), env)
+        supervisor.start("flower", flower_argv(flower_port), env)
+        console.print(f"  4 GPU workers ({', '.join(f'gpu{g}: {t}' for g, t in GPUS)}), beat, a dispatcher "
+                      f"worker and Flower (http://127.0.0.1:{flower_port}) starting ...")
+        registry = Registry.from_config(celeryconfig)
+        try:
+            _wait_for_gpus(registry, supervisor, console)
+            outcome = _send(prompts, rate, registry, console)
+        finally:
+            registry.close()
+        _summarise(outcome, console, plot)
+        if keep:
+            console.print(f"\nStill running (--keep). Flower: http://127.0.0.1:{flower_port}  — stop with "
+                          "Ctrl-C.")
+            _wait_for_interrupt()
+        return 1 if outcome.lost else 0
+    except DemoError as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        return 2
+    finally:
+        console.print("stopping the demo's processes ...")
+        supervisor.stop_all()
+        for server in started_servers:
+            console.print(f"  {server.stop()}")
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def _wait_for_gpus(registry: Registry, supervisor: Supervisor, console) -> None:
+    deadline = time.monotonic() + REGISTER_TIMEOUT
+    with console.status("waiting for the 4 GPUs to register in Nacos ..."):
+        while time.monotonic() < deadline:
+            if supervisor.dead():
+                raise DemoError(f"{', '.join(supervisor.dead())} exited; see its log in {supervisor.log_dir}")
+            if len(registry.list_instances()) >= len(GPUS):
+                return
+            time.sleep(0.5)
+    raise DemoError(f"the GPUs did not all register within {REGISTER_TIMEOUT:.0f} s; "
+                    f"see the gpu*.log files in {supervisor.log_dir}")
+
+
+def _send(prompts: int, rate: float, registry: Registry, console) -> Outcome:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dispatcher import dispatch_inference
+
+    outcome = Outcome()
+    start = time.time()
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        while not stop_sampling.wait(0.5):
+            try:
+                view = {i.metadata.get("queue", i.key): int(i.metadata.get("memory_free_mb", 0))
+                        for i in registry.list_instances()}
+            except Exception:  # a missed sample only thins the plot
+                continue
+            outcome.free_memory.append((time.time() - start, view))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    pending = []
+    with Progress(*columns, console=console) as progress:
+        sending = progress.add_task("sending ", total=prompts)
+        answered = progress.add_task("answered", total=prompts)
+        for n in range(prompts):
+            sent_at = time.time()
+            pending.append((sent_at, dispatch_inference.delay(f"demo prompt {n}: explain GPU dispatch",
+                                                              max_tokens=24 + n % 16)))
+            outcome.sent += 1
+            progress.advance(sending)
+            time.sleep(max(0.0, start + (n + 1) / rate - time.time()))
+        for sent_at, result in pending:
+            try:
+                answer = result.get(timeout=120)
+            except Exception as exc:  # an error on the AsyncResult is an answer, not a loss
+                if type(exc).__name__ == "TimeoutError":
+                    outcome.lost += 1
+                else:
+                    outcome.errors.append(f"{type(exc).__name__}: {exc}")
+            else:
+                answer["sent_s"] = sent_at - start
+                outcome.answers.append(answer)
+                outcome.latencies_ms.append((answer["timings"]["finished_at"] - sent_at) * 1000)
+            progress.advance(answered)
+    stop_sampling.set()
+    sampler.join(2)
+    return outcome
+
+
+def _summarise(outcome: Outcome, console, plot: Path | None) -> None:
+    from rich.table import Table
+
+    per_gpu = Counter(a["gpu"]["queue"] for a in outcome.answers)
+    queues = sorted({q for _, view in outcome.free_memory for q in view} | set(per_gpu))
+    mean_free = {q: statistics.fmean(view.get(q, 0) for _, view in outcome.free_memory) if outcome.free_memory
+                 else 0.0 for q in queues}
+    total_free = sum(mean_free.values()) or 1.0
+    latency = defaultdict(list)
+    for answer, ms in zip(outcome.answers, outcome.latencies_ms):
+        latency[answer["gpu"]["queue"]].append(ms)
+    tenants = {f"gpu.127.0.0.1.{8000 + g}": t for g, t in GPUS}
+
+    table = Table(title=f"{len(outcome.answers)} answered, {len(outcome.errors)} errors, {outcome.lost} lost "
+                        f"of {outcome.sent} sent")
+    for column in ("GPU queue", "tenants", "requests", "share", "mean free MiB", "free share", "p50 ms",
+                   "p99 ms"):
+        table.add_column(column, justify="left" if column in {"GPU queue", "tenants"} else "right")
+    answered = max(1, len(outcome.answers))
+    for q in queues:
+        table.add_row(q, tenants.get(q, "?"), str(per_gpu[q]), f"{per_gpu[q] / answered:.1%}",
+                      f"{mean_free[q]:.0f}", f"{mean_free[q] / total_free:.1%}", _pct(latency[q], 50),
+                      _pct(latency[q], 99))
+    table.add_row("all", "", str(len(outcome.answers)), "100%", "", "", _pct(outcome.latencies_ms, 50),
+                  _pct(outcome.latencies_ms, 99), style="bold")
+    console.print(table)
+
+    console.print("\nshare of requests (█) against share of free memory (░), per GPU:")
+    for q in queues:
+        share, free = per_gpu[q] / answered, mean_free[q] / total_free
+        console.print(f"  {q:<20} {'█' * round(share * 50):<50} {share:6.1%}")
+        console.print(f"  {'':<20} {'░' * round(free * 50):<50} {free:6.1%}")
+    for error in outcome.errors[:5]:
+        console.print(f"[red]error:[/red] {error}")
+    if plot is not None:
+        _plot(outcome, queues, tenants, plot, console)
+
+
+def _pct(values: list[float], pct: int) -> str:
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    return f"{ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]:.0f}"
+
+
+def _plot(outcome: Outcome, queues: list[str], tenants: dict[str, str], path: Path, console) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("(no plot: matplotlib is not installed; pip install 'gpu-dispatch[bench]')")
+        return
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for q in queues:
+        label = f"{q} ({tenants.get(q, '?')})"
+        top.plot([t for t, _ in outcome.free_memory], [v.get(q, 0) / 1024 for _, v in outcome.free_memory],
+                 label=label)
+        times = sorted(a["sent_s"] for a in outcome.answers if a["gpu"]["queue"] == q)
+        bottom.plot(times, range(1, len(times) + 1), label=label)
+    top.set_ylabel("free memory in Nacos (GiB)")
+    bottom.set_ylabel("requests sent there (cumulative)")
+    bottom.set_xlabel("seconds since the first request")
+    top.legend(fontsize="small")
+    top.set_title("gpu-dispatch demo: requests follow free memory")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    console.print(f"plot saved to {path}")
+
+
+def _wait_for_interrupt() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def default_plot_path() -> Path:
+    return Path(os.path.join(celeryconfig.home, "demo", "demo.png"))
