@@ -192,3 +192,7 @@ def config_reference() -> str:
             default = "the broker URL"
         lines.append(f"| `{s.env}` | {default or '(empty)'} | {s.unit} | {s.meaning.replace('|', '/')} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ def snapshot(registry: Registry, broker: redis.Redis, profile: str) -> list[dict
     candidates = []
     for instance in registry.list_instances(healthy_only=False):
         meta = instance.metadata
-        row = {"key": instance.key, "host": instance.ip, "gpu": meta.get("gpu_index"), "name": meta.get("gpu_name"),
+        row = {**dict.fromkeys(COLUMNS), "key": instance.key, "host": instance.ip, "gpu": meta.get("gpu_index"), "name": meta.get("gpu_name"),
                "queue": meta.get("queue"), "source": meta.get("source"), "score": None, "probability": 0.0,
                "excluded": None}
         rows[instance.key] = row
