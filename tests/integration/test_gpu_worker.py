@@ -34,6 +34,18 @@ def send_inference(queue: str, prompt: str = "hello", **options):
     return app.send_task("run_inference", args=[prompt], kwargs=options, queue=queue)
 
 
+def start_registered(make_registry, service: str, processes: list, *, concurrency: int = 2,
+                     env: dict[str, str] | None = None, beat: bool = True):
+    """Start one GPU worker (GPU 0), and beat; wait for its instance. Returns (worker, watcher, queue)."""
+    worker = start_gpu_worker(app, 0, service, concurrency=concurrency, env={**FAST, **(env or {})})
+    processes.append(worker)
+    if beat:
+        processes.append(start_beat(service, FAST))
+    watcher = make_registry()
+    queue = wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")["queue"]
+    return worker, watcher, queue
+
+
 def test_two_workers_register_complete_metadata_under_the_size_limit_even_with_a_long_host_name(
         make_registry, service_name, celery_processes):
     long_node = "gpu0-" + "a-very-long-host-name-" * 6 + "@" + "rack-42.datacenter-west.example.internal"
@@ -76,11 +88,8 @@ def test_a_change_of_the_simulated_tenants_load_shows_in_nacos_within_two_refres
 
 def test_metadata_stays_fresh_while_every_inference_slot_is_busy(make_registry, service_name,
                                                                  celery_processes):
-    env = {**FAST, "GPU_DISPATCH_SIM_MS_PER_TOKEN": "10"}
-    celery_processes += [start_gpu_worker(app, 0, service_name, concurrency=2, env=env),
-                         start_beat(service_name, FAST)]
-    watcher = make_registry()
-    queue = wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")["queue"]
+    _, watcher, queue = start_registered(make_registry, service_name, celery_processes,
+                                         env={"GPU_DISPATCH_SIM_MS_PER_TOKEN": "10"})
 
     # 2 slots, 6 requests of ~1.5-4.5 s each: both slots stay busy for the whole check.
     results = [send_inference(queue, max_tokens=150) for _ in range(6)]
@@ -101,11 +110,8 @@ def test_metadata_stays_fresh_while_every_inference_slot_is_busy(make_registry, 
 
 def test_concurrent_requests_matches_the_requests_really_in_flight(make_registry, service_name,
                                                                    celery_processes):
-    env = {**FAST, "GPU_DISPATCH_SIM_MS_PER_TOKEN": "10"}
-    celery_processes += [start_gpu_worker(app, 0, service_name, concurrency=3, env=env),
-                         start_beat(service_name, FAST)]
-    watcher = make_registry()
-    queue = wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")["queue"]
+    _, watcher, queue = start_registered(make_registry, service_name, celery_processes, concurrency=3,
+                                         env={"GPU_DISPATCH_SIM_MS_PER_TOKEN": "10"})
     assert instances_by_port(watcher)[8000]["concurrent_requests"] == "0"
 
     results = [send_inference(queue, max_tokens=300) for _ in range(2)]
@@ -120,10 +126,7 @@ def test_concurrent_requests_matches_the_requests_really_in_flight(make_registry
 def test_refresh_retries_with_backoff_while_nacos_is_down_and_recovers_when_it_returns(
         servers, make_registry, service_name, celery_processes):
     _, nacos = servers
-    worker = start_gpu_worker(app, 0, service_name, env=FAST)
-    celery_processes += [worker, start_beat(service_name, FAST)]
-    watcher = make_registry()
-    wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")
+    worker, watcher, _ = start_registered(make_registry, service_name, celery_processes)
     watcher.close()
 
     nacos.stop()
@@ -141,11 +144,9 @@ def test_refresh_retries_with_backoff_while_nacos_is_down_and_recovers_when_it_r
 def test_sigkill_removes_the_instance_and_the_running_request_is_delivered_again_after_restart(
         make_registry, service_name, celery_processes):
     # A short visibility timeout, so the broker hands the unacknowledged request back quickly.
-    env = {**FAST, "GPU_DISPATCH_SIM_MS_PER_TOKEN": "10", "GPU_DISPATCH_MAX_INFERENCE_SECONDS": "3"}
-    worker = start_gpu_worker(app, 0, service_name, concurrency=1, env=env)
-    celery_processes += [worker, start_beat(service_name, FAST)]
-    watcher = make_registry()
-    queue = wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")["queue"]
+    worker, watcher, queue = start_registered(
+        make_registry, service_name, celery_processes, concurrency=1,
+        env={"GPU_DISPATCH_SIM_MS_PER_TOKEN": "10", "GPU_DISPATCH_MAX_INFERENCE_SECONDS": "3"})
     result = send_inference(queue, "survive me", max_tokens=200)
     wait_until(lambda: instances_by_port(watcher)[8000]["concurrent_requests"] == "1", 10, "the request running")
 
@@ -164,11 +165,8 @@ def test_sigkill_removes_the_instance_and_the_running_request_is_delivered_again
 
 def test_warm_shutdown_deregisters_before_the_running_request_ends_and_hands_back_the_waiting_ones(
         make_registry, service_name, celery_processes):
-    env = {**FAST, "GPU_DISPATCH_SIM_MS_PER_TOKEN": "10"}
-    worker = start_gpu_worker(app, 0, service_name, concurrency=1, env=env)
-    celery_processes += [worker, start_beat(service_name, FAST)]
-    watcher = make_registry()
-    queue = wait_until(lambda: instances_by_port(watcher).get(8000), 30, "the worker in Nacos")["queue"]
+    worker, watcher, queue = start_registered(make_registry, service_name, celery_processes, concurrency=1,
+                                              env={"GPU_DISPATCH_SIM_MS_PER_TOKEN": "10"})
     running = send_inference(queue, max_tokens=300)  # ~3 s
     waiting = [send_inference(queue, max_tokens=1) for _ in range(3)]
     wait_until(lambda: instances_by_port(watcher)[8000]["concurrent_requests"] == "1", 10, "the request running")
