@@ -41,7 +41,7 @@ def servers_up(timeout: float) -> None:
 
 @servers.command("install")
 def servers_install() -> None:
-    """Install the servers' programs if missing (redis-server with apt-get; r-nacos with cargo)."""
+    """Install the servers' programs if missing (redis-server with apt-get; the Nacos server with Maven)."""
     try:
         for server in local_servers(celeryconfig):
             server.ensure_installed()

@@ -3,23 +3,27 @@
 - **Redis** (broker and result backend): the server at the configured URL is
   used when it answers; otherwise Debian's ``redis-server`` is installed if
   missing and started on the configured port.
-- **Nacos** (registry): a real Nacos server in standalone mode.  The official
-  Java server is not published on Maven Central (only ``nacos-client`` is), so
-  we run **r-nacos**, the Rust implementation of the Nacos server, pinned to
-  :data:`RNACOS_VERSION` and built from crates.io with ``cargo install`` into
-  our directory the first time (about 6 minutes on two cores).  The README
-  explains that choice.
+- **Nacos** (registry): a real Nacos server, the Java one, in standalone mode.
+  The official server modules are not served from Maven Central here (only
+  ``nacos-client`` is), so we run the Nacos :data:`NACOS_VERSION` server modules
+  as republished there by ``com.pig4cloud.nacos`` (``com.alibaba.nacos`` classes
+  built from the Nacos source).  That republish lacks the console module, which
+  holds Nacos's main class, so the small Maven project in ``nacos-server/``
+  supplies one (see its ``NacosMain``).  Maven builds it the first time, with
+  its repository and output under ``<home>`` (about half a minute); Java 17 runs
+  it.  The README explains that choice.
 
-Everything the servers write (data, logs, pid files, the r-nacos build) lives
-under ``<home>`` (``GPU_DISPATCH_HOME``, default ``.local/``), which git
-ignores.  Starting is idempotent, stopping leaves no process behind, and
-readiness is awaited with a deadline; a server that fails to come up is
+Everything the servers write (data, logs, pid files, Maven's repository, the
+Nacos build) lives under ``<home>`` (``GPU_DISPATCH_HOME``, default ``.local/``),
+which git ignores.  Starting is idempotent, stopping leaves no process behind,
+and readiness is awaited with a deadline; a server that fails to come up is
 reported with the last lines of its log and what to check.
 """
-
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,8 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-#: r-nacos release we build and run (crates.io package ``rnacos``).
-RNACOS_VERSION = "0.8.8"
+#: Nacos server release we build and run (``com.pig4cloud.nacos:nacos-naming`` / ``nacos-config`` on
+#: Maven Central); pinned in ``nacos-server/pom.xml`` too.
+NACOS_VERSION = "2.0.4.RELEASE"
+#: The Maven project that starts it (our main class over the republished server modules).
+NACOS_PROJECT = Path(__file__).resolve().parent.parent / "nacos-server"
+#: Oldest Java that runs it.
+JAVA_MIN = 17
 #: Seconds to wait for a server to answer after starting it.
 START_TIMEOUT = 60.0
 #: Seconds to wait for a server to exit after SIGTERM before SIGKILL.
@@ -191,13 +200,7 @@ class RedisServer(LocalServer):
             raise ServerError("redis-server is not installed and cannot be installed here without root and "
                               "apt-get; install it (Debian/Ubuntu: apt-get install redis-server) or point "
                               "GPU_DISPATCH_BROKER_URL at a running Redis")
-        print("installing redis-server with apt-get ...", flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
-            done = subprocess.run(step, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise ServerError(f"`{' '.join(step)}` failed:\n{done.stderr[-2000:]}\nCheck that Debian's "
-                                  "package mirror is reachable, or install redis-server yourself")
+        _apt_install(["redis-server"], "install redis-server yourself")
 
     def installed_as(self) -> str:
         return shutil.which("redis-server") or "not installed"
@@ -209,14 +212,20 @@ class RedisServer(LocalServer):
 
 
 class NacosServer(LocalServer):
-    """r-nacos in standalone mode: HTTP on ``port``, gRPC on ``port + 1000``, console on ``port + 2000``."""
+    """Nacos 2.0.4 (Java) in standalone mode.
+
+    Ports, all fixed by Nacos relative to ``port``: HTTP ``port``, client gRPC ``port + 1000``,
+    cluster gRPC ``port + 1001``, JRaft ``port - 1000``.  HTTP listens on ``host`` only; Nacos
+    2.0.4 binds its gRPC and JRaft ports on every interface.
+    """
 
     name = "nacos"
 
     def __init__(self, host: str, port: int, home: str | os.PathLike) -> None:
         super().__init__(host, port, home)
-        self.install_root = Path(home) / f"rnacos-{RNACOS_VERSION}"
-        self.binary = self.install_root / "bin" / "rnacos"
+        self.build_dir = Path(home) / f"nacos-server-{NACOS_VERSION.removesuffix('.RELEASE')}"
+        self.maven_repo = Path(home) / "m2"
+        self.build_log = Path(home) / f"{self.build_dir.name}-build.log"
 
     @classmethod
     def from_addresses(cls, addresses: str, home: str | os.PathLike) -> "NacosServer":
@@ -245,49 +254,132 @@ class NacosServer(LocalServer):
         except (OSError, urllib.error.URLError):
             return False
 
+    # -- build -------------------------------------------------------------------
+
+    def _stamp(self) -> Path:
+        """Marks a finished build of exactly the current ``nacos-server/`` sources."""
+        digest = hashlib.sha1()
+        for path in sorted(p for p in NACOS_PROJECT.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(NACOS_PROJECT)).encode() + b"\0" + path.read_bytes())
+        return self.build_dir / f".built-{digest.hexdigest()[:12]}"
+
+    def _built(self) -> bool:
+        return NACOS_PROJECT.is_dir() and self._stamp().exists()
+
     def ensure_installed(self) -> None:
-        if self.binary.exists():
+        if not (NACOS_PROJECT / "pom.xml").exists():
+            raise ServerError(f"the Nacos server's Maven project is missing ({NACOS_PROJECT}); gpu-dispatch "
+                              "starts its local Nacos only from a source checkout (or point "
+                              "GPU_DISPATCH_NACOS_SERVER at a running Nacos)")
+        _ensure_java_and_maven()
+        if self._built():
             return
-        cargo = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
-        if not Path(cargo).exists():
-            raise ServerError("building the Nacos server (r-nacos) needs Rust's cargo, which is not installed; "
-                              "install Rust (https://rustup.rs or Debian's `cargo` package) and retry")
-        print(f"building the Nacos server r-nacos {RNACOS_VERSION} from crates.io into {self.install_root} "
-              "(once; about 6 minutes on two cores) ...", flush=True)
-        build_log = Path(self.install_root.parent) / f"rnacos-{RNACOS_VERSION}-build.log"
-        build_log.parent.mkdir(parents=True, exist_ok=True)
-        with open(build_log, "wb") as log:
-            done = subprocess.run([cargo, "install", "rnacos", "--version", RNACOS_VERSION, "--locked",
-                                   "--root", str(self.install_root)], stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL)
-        if done.returncode != 0 or not self.binary.exists():
-            raise ServerError(f"`cargo install rnacos --version {RNACOS_VERSION}` failed.\nLast lines of "
-                              f"{build_log}:\n{_tail(build_log, LOG_TAIL_LINES)}\nCheck that crates.io is "
-                              "reachable and that a C toolchain (cc) is installed")
+        print(f"building the Nacos server {NACOS_VERSION} (com.pig4cloud.nacos modules from Maven Central + "
+              f"{NACOS_PROJECT.name}/) into {self.build_dir} (once; about half a minute; log "
+              f"{self.build_log}) ...", flush=True)
+        shutil.rmtree(self.build_dir, ignore_errors=True)  # no stale classes or jars of an older build
+        self.build_log.parent.mkdir(parents=True, exist_ok=True)
+        # -U: retry downloads that an earlier, failed build left marked as failed in the repository.
+        argv = [shutil.which("mvn") or "mvn", "-B", "-ntp", "-U", "-f", str(NACOS_PROJECT / "pom.xml"),
+                f"-Dmaven.repo.local={self.maven_repo}", f"-Dnacos.build.dir={self.build_dir}",
+                "compile", "org.apache.maven.plugins:maven-dependency-plugin:3.6.1:copy-dependencies"]
+        with open(self.build_log, "wb") as log:
+            done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  env=_java_env())
+        if done.returncode != 0 or not (self.build_dir / "classes" / "application.properties").exists():
+            raise ServerError(
+                f"building the Nacos server failed (`{' '.join(argv)}`).\nLast lines of {self.build_log}:\n"
+                f"{_tail(self.build_log, LOG_TAIL_LINES)}\nCheck:\n"
+                f"  - Java {JAVA_MIN}+ with its compiler: `java -version`, `javac -version` "
+                f"(Debian: apt-get install openjdk-17-jdk-headless)\n"
+                "  - Maven: `mvn -version` (Debian: apt-get install maven)\n"
+                "  - that Maven Central (https://repo.maven.apache.org/maven2) is reachable, with any proxy "
+                "or mirror set in ~/.m2/settings.xml")
+        self._stamp().touch()
 
     def installed_as(self) -> str:
-        return f"r-nacos {RNACOS_VERSION} at {self.binary}" if self.binary.exists() else "not installed"
+        if not self._built():
+            return "not installed"
+        return (f"Nacos {NACOS_VERSION} (com.pig4cloud.nacos server modules + gpu-dispatch main class) "
+                f"built in {self.build_dir}")
 
     def command(self) -> tuple[list[str], dict[str, str]]:
-        return [str(self.binary)], {
-            "RNACOS_HTTP_PORT": str(self.port),
-            "RNACOS_GRPC_PORT": str(self.grpc_port),
-            "RNACOS_HTTP_CONSOLE_PORT": str(self.port + 2000),
-            "RNACOS_SDK_HOST": self.host,
-            "RNACOS_CONSOLE_HOST": self.host,
-            "RNACOS_DATA_DIR": str(self.dir / "data"),
-            "RNACOS_RAFT_NODE_ADDR": f"{self.host}:{self.grpc_port}",
-            # r-nacos otherwise pins an instance's first metadata and ignores the
-            # re-registrations that carry every refresh; real Nacos has no such store.
-            "RNACOS_NAMING_INSTANCE_METADATA_PERSISTENCE_ENABLE": "false",
-            "RUST_LOG": "warn",
-        }
+        ip = "127.0.0.1" if self.host == "localhost" else self.host
+        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        opens = ["java.base/java.lang", "java.base/java.util", "java.base/java.nio", "java.base/sun.nio.ch"]
+        return [
+            _java() or "java", "-Xms256m", "-Xmx512m", "-XX:-OmitStackTraceInFastThrow",
+            *(arg for module in opens for arg in ("--add-opens", f"{module}=ALL-UNNAMED")),
+            "-Dnacos.standalone=true",
+            f"-Dnacos.home={self.dir}",
+            f"-Dserver.port={self.port}",
+            f"-Dserver.address={self.host}",
+            f"-Dnacos.inetutils.ip-address={ip}",
+            f"-Dderby.stream.error.file={self.dir / 'logs' / 'derby.log'}",
+            f"-Djava.io.tmpdir={self.dir / 'tmp'}",
+            "-cp", f"{self.build_dir / 'classes'}{os.pathsep}{self.build_dir / 'lib' / '*'}",
+            "gpudispatch.nacos.NacosMain",
+        ], _java_env()
 
     def hints(self) -> list[str]:
         return super().hints() + [
-            f"is the gRPC port {self.grpc_port} (HTTP port + 1000) or console port {self.port + 2000} taken?",
-            f"did the build finish? ({self.binary} should exist)",
+            f"are Nacos's other ports taken? gRPC {self.grpc_port} and {self.port + 1001}, JRaft "
+            f"{self.port - 1000} (ss -ltnp | grep -E '{self.grpc_port}|{self.port + 1001}|{self.port - 1000}')",
+            f"is Java {JAVA_MIN}+ the `java` found? (java -version)",
+            f"did the build finish? ({self.build_dir}, log {self.build_log}; delete the directory to rebuild)",
+            f"Nacos's own logs: {self.dir / 'logs'}",
         ]
+
+
+def _java() -> str | None:
+    """The ``java`` to use: ``$JAVA_HOME/bin/java`` when set, else the one on PATH."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return str(Path(java_home) / "bin" / "java")
+    return shutil.which("java")
+
+
+def _java_env() -> dict[str, str]:
+    java = _java()
+    return {**os.environ, "JAVA_HOME": str(Path(java).resolve().parent.parent)} if java else dict(os.environ)
+
+
+def _java_major(java: str) -> int:
+    done = subprocess.run([java, "-version"], capture_output=True, text=True)
+    match = re.search(r'version "(?:1\.)?(\d+)', done.stderr + done.stdout)
+    return int(match.group(1)) if match else 0
+
+
+def _ensure_java_and_maven() -> None:
+    """Java 17+ (with ``javac``) and Maven, installed with apt-get when missing and we may."""
+    java = _java()
+    missing = []
+    if not java or _java_major(java) < JAVA_MIN or not (Path(java).resolve().parent / "javac").exists():
+        missing.append("openjdk-17-jdk-headless")
+    if not shutil.which("mvn"):
+        missing.append("maven")
+    if missing:
+        _apt_install(missing, f"install Java {JAVA_MIN}+ (a JDK) and Maven yourself, or point "
+                              "GPU_DISPATCH_NACOS_SERVER at a running Nacos")
+        java = _java()
+        if not java or _java_major(java) < JAVA_MIN:
+            raise ServerError(f"the Nacos server needs Java {JAVA_MIN}+, but `{java or 'java'} -version` reports "
+                              f"an older one; install openjdk-17 and put it first on PATH (or set JAVA_HOME)")
+
+
+def _apt_install(packages: list[str], otherwise: str) -> None:
+    """Install Debian packages, or explain what to do when that is not possible here."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise ServerError(f"{', '.join(packages)} not installed and cannot be installed here without root and "
+                          f"apt-get; {otherwise}")
+    print(f"installing {' '.join(packages)} with apt-get ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
+        done = subprocess.run(step, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ServerError(f"`{' '.join(step)}` failed:\n{done.stderr[-2000:]}\nCheck that Debian's "
+                              f"package mirror is reachable, or {otherwise}")
 
 
 def local_servers(conf: object, home: str | None = None) -> tuple[RedisServer, NacosServer]:

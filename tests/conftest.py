@@ -6,7 +6,7 @@ developer's servers on the default ports (6379, 8848) are never touched.
 
 import os
 
-#: Ports of the servers the test session starts (Nacos also uses +1000 for gRPC and +2000 for its console).
+#: Ports of the servers the test session starts (Nacos also uses +1000 and +1001 for gRPC, -1000 for JRaft).
 TEST_REDIS_PORT = 16399
 TEST_NACOS_PORT = 18848
 
