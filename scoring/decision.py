@@ -1,0 +1,161 @@
+"""The one entry point: candidates and a request in, a decision out.
+
+:func:`choose` runs the profile's filters, scores what is left, and lets the
+picker choose; :func:`explain` runs the same steps without choosing, for a
+status view.  Both are pure: the only randomness is the ``rng`` passed in.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+from scoring.candidates import Candidate, Request
+from scoring.errors import NoEligibleGpu
+from scoring.pickers import Picker, ranked
+from scoring.profiles import DEFAULT_PROFILE, Profile, get_profile
+
+#: Generator used when the caller passes none (seeded from the OS at import).
+_RNG = random.Random()
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateReport:
+    """What became of one candidate.
+
+    :param key: the GPU, ``"<ip>:<port>"``.
+    :param score: its combined score; ``None`` when it was dropped.
+    :param probability: its chance of being picked (0 when dropped).
+    :param dropped: why a filter dropped it; ``None`` when it was scored.
+    """
+
+    key: str
+    score: float | None
+    probability: float
+    dropped: str | None
+
+
+class Decision:
+    """The outcome of :func:`choose`.
+
+    ``chosen`` is set at once; ``fallbacks`` and ``explanation`` are computed
+    on first use (the dispatcher needs them only to retry or to report), from
+    the same scores the choice was made on.
+
+    :ivar profile: the profile that decided.
+    :ivar chosen: the candidate picked.
+    """
+
+    def __init__(self, profile: Profile, candidates: tuple[Candidate, ...], eligible: list[Candidate],
+                 scores: list[float], dropped: dict[int, str], index: int) -> None:
+        self.profile = profile
+        self.chosen = eligible[index]
+        self._candidates = candidates
+        self._eligible = eligible
+        self._scores = scores
+        self._dropped = dropped
+        self._index = index
+
+    @cached_property
+    def fallbacks(self) -> list[Candidate]:
+        """The other eligible candidates, best score first (ties by key): where to retry, in order."""
+        keys = [c.state.key for c in self._eligible]
+        return [self._eligible[i] for i in ranked(self._scores, keys, skip=self._index)]
+
+    @cached_property
+    def explanation(self) -> list[CandidateReport]:
+        """One report per candidate, in the order they were given."""
+        return _reports(self._candidates, self._eligible, self._scores, self._dropped, self.profile.picker)
+
+    def as_rows(self) -> list[dict[str, object]]:
+        """The explanation as plain dicts (``key``, ``score``, ``probability``, ``dropped``, ``chosen``)."""
+        chosen = self.chosen.state.key
+        return [{"key": r.key, "score": r.score, "probability": r.probability, "dropped": r.dropped,
+                 "chosen": r.key == chosen and r.dropped is None} for r in self.explanation]
+
+
+def choose(candidates: Sequence[Candidate], request: Request, *, profile: Profile | str = DEFAULT_PROFILE,
+           rng: random.Random | None = None, now_ms: int) -> Decision:
+    """Choose the GPU for ``request``.
+
+    :param candidates: every GPU the registry lists that parsed, with this
+        dispatcher's counts; their order never changes a probability.
+    :param request: the model and estimated memory to place.
+    :param profile: a :class:`Profile`, or the name of one in
+        :data:`~scoring.profiles.PROFILES`; default ``"default"``.
+    :param rng: the source of randomness; a module-level generator when ``None``.
+        Pass a seeded ``random.Random`` to reproduce a run.
+    :param now_ms: the caller's clock, Unix ms, against which readings age.
+    :raises NoEligibleGpu: when there are no candidates or every one was
+        filtered out; its message lists each GPU and why. Never an empty pick.
+    :raises InvalidParameter: when ``profile`` names no profile.
+    """
+    if isinstance(profile, str):
+        profile = get_profile(profile)
+    candidates = tuple(candidates)
+    eligible, scores, dropped = _evaluate(candidates, request, profile, now_ms)
+    if not eligible:
+        raise NoEligibleGpu({c.state.key: dropped[id(c)] for c in candidates}, request.describe())
+    index = profile.picker.pick(scores, rng or _RNG)
+    return Decision(profile, candidates, eligible, scores, dropped, index)
+
+
+def explain(candidates: Sequence[Candidate], request: Request, *, profile: Profile | str = DEFAULT_PROFILE,
+            now_ms: int) -> list[CandidateReport]:
+    """What :func:`choose` would see, without choosing: one report per candidate, in order.
+
+    Unlike :func:`choose` it does not raise when every candidate is dropped:
+    the reports then say why each one was.
+
+    :raises InvalidParameter: when ``profile`` names no profile.
+    """
+    if isinstance(profile, str):
+        profile = get_profile(profile)
+    candidates = tuple(candidates)
+    eligible, scores, dropped = _evaluate(candidates, request, profile, now_ms)
+    return _reports(candidates, eligible, scores, dropped, profile.picker)
+
+
+def _evaluate(candidates: tuple[Candidate, ...], request: Request, profile: Profile,
+              now_ms: int) -> tuple[list[Candidate], list[float], dict[int, str]]:
+    """Filter, then score: the eligible candidates, their scores, and why each other one was dropped."""
+    eligible: Sequence[Candidate] = candidates
+    dropped: dict[int, str] = {}
+    for item in profile.filters:
+        kept = item.keep(eligible, request, now_ms)
+        if len(kept) != len(eligible):
+            passed = {id(c) for c in kept}
+            for c in eligible:
+                if id(c) not in passed:
+                    dropped[id(c)] = item.why(c, request, now_ms)
+        eligible = kept
+    eligible = list(eligible)
+    if not eligible:
+        return eligible, [], dropped
+    weighted = profile.weighted
+    (scorer, weight), rest = weighted[0], weighted[1:]
+    scores = scorer.scores(eligible, request)
+    if rest:  # fold the first weight into the first sum: one pass fewer on the hot path
+        (second, weight2), rest = rest[0], rest[1:]
+        scores = [weight * a + weight2 * b for a, b in zip(scores, second.scores(eligible, request))]
+    elif weight != 1.0:
+        scores = [weight * a for a in scores]
+    for scorer, weight in rest:
+        scores = [a + weight * b for a, b in zip(scores, scorer.scores(eligible, request))]
+    return eligible, scores, dropped
+
+
+def _reports(candidates: tuple[Candidate, ...], eligible: list[Candidate], scores: list[float],
+             dropped: dict[int, str], picker: Picker) -> list[CandidateReport]:
+    probabilities = picker.probabilities(scores) if scores else []
+    scored = {id(c): (s, p) for c, s, p in zip(eligible, scores, probabilities)}
+    reports = []
+    for c in candidates:
+        entry = scored.get(id(c))
+        if entry is None:
+            reports.append(CandidateReport(c.state.key, None, 0.0, dropped[id(c)]))
+        else:
+            reports.append(CandidateReport(c.state.key, entry[0], entry[1], None))
+    return reports

@@ -1,0 +1,146 @@
+"""Scorers: each turns one signal into a score per candidate, higher is better.
+
+Every scorer but :class:`SeedFormula` returns scores normalised to [0, 1], so
+a profile can weigh signals against each other with plain weights.  Each is
+O(n) in the number of candidates and one list comprehension long.
+
+Free memory is normalised by the card's own total, not by the best card's:
+a fraction means the same on every reading, whereas "relative to the
+roomiest card" turns tiny differences between nearly full cards into the
+whole range.  In-flight requests and queue depth fall off hyperbolically
+(``1 / (1 + n / half_at)``): one extra request matters more on an idle GPU
+than on a busy one, and no count ever drives a score to exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar, Sequence
+
+from scoring.candidates import Candidate, Request
+from scoring.errors import InvalidParameter
+
+#: Default for :class:`InFlight`: requests in flight at which its score halves.
+DEFAULT_IN_FLIGHT_HALF_AT = 4.0
+#: Default for :class:`QueueDepth`: waiting messages at which its score halves.
+DEFAULT_QUEUE_HALF_AT = 1.0
+#: The seed article's weight on free memory, per MB.
+SEED_MEMORY_WEIGHT = 1.0
+#: The seed article's weight on idle compute, per percentage point below 100 % utilisation.
+SEED_IDLE_WEIGHT = 0.3
+#: The seed article's penalty per reported concurrent request.
+SEED_CONCURRENCY_PENALTY = 50.0
+#: The seed article's floor on a score, so every healthy GPU keeps some chance.
+SEED_FLOOR = 1.0
+
+
+class Scorer(ABC):
+    """Scores candidates on one signal."""
+
+    #: Short name used in profiles and reports.
+    name: ClassVar[str]
+
+    @abstractmethod
+    def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
+        """One score per candidate, in their order."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class FreeMemory(Scorer):
+    """Memory left after this request, as a fraction of the card's total.
+
+    ``(memory_free_mb - sent_memory_mb - request.memory_mb) / memory_total_mb``,
+    floored at 0: what the reading showed free, less what this dispatcher sent
+    there since, less what the request itself needs.
+    """
+
+    name = "free_memory"
+
+    def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
+        need = request.memory_mb
+        return [x if (x := (c.state.memory_free_mb - c.sent_memory_mb - need) / c.state.memory_total_mb) > 0.0
+                else 0.0 for c in candidates]
+
+
+class Utilisation(Scorer):
+    """Idle compute: ``1 - gpu_util / 100``."""
+
+    name = "utilisation"
+
+    def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
+        return [1.0 - c.state.gpu_util * 0.01 for c in candidates]
+
+
+def _half_at(value: float, unit: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidParameter("half_at", f"{value!r} is not a positive number of {unit}; it is the count "
+                                          "at which the score halves, e.g. 4")
+    return float(value)
+
+
+class InFlight(Scorer):
+    """Fewer requests in flight is better: ``1 / (1 + n / half_at)``.
+
+    ``n`` is the reported ``concurrent_requests`` plus what this dispatcher
+    sent since the reading.
+
+    :param half_at: requests at which the score is 0.5; default
+        :data:`DEFAULT_IN_FLIGHT_HALF_AT`.
+    """
+
+    name = "in_flight"
+
+    def __init__(self, half_at: float = DEFAULT_IN_FLIGHT_HALF_AT) -> None:
+        self.half_at = _half_at(half_at, "requests")
+        self._per_request = 1.0 / self.half_at
+
+    def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
+        k = self._per_request
+        return [1.0 / (1.0 + (c.state.concurrent_requests + c.sent_since_reading) * k) for c in candidates]
+
+    def __repr__(self) -> str:
+        return f"InFlight(half_at={self.half_at:g})"
+
+
+class QueueDepth(Scorer):
+    """A shorter broker queue is better: ``1 / (1 + depth / half_at)``.
+
+    A candidate whose depth the dispatcher did not count (``None``) scores 1,
+    as an empty queue would: there is no evidence of a backlog.
+
+    :param half_at: waiting messages at which the score is 0.5; default
+        :data:`DEFAULT_QUEUE_HALF_AT`.
+    """
+
+    name = "queue_depth"
+
+    def __init__(self, half_at: float = DEFAULT_QUEUE_HALF_AT) -> None:
+        self.half_at = _half_at(half_at, "messages")
+        self._per_message = 1.0 / self.half_at
+
+    def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
+        k = self._per_message
+        return [1.0 if (q := c.queue_depth) is None else 1.0 / (1.0 + q * k) for c in candidates]
+
+    def __repr__(self) -> str:
+        return f"QueueDepth(half_at={self.half_at:g})"
+
+
+class SeedFormula(Scorer):
+    """The seed article's score, exactly; not normalised.
+
+    ``max(1, memory_free_mb * 1.0 + (100 - gpu_util) * 0.3 - concurrent_requests * 50)``,
+    from the reading alone (the article's client knew nothing of its own
+    recent sends).  In MB, the memory term swamps the other two.
+    """
+
+    name = "seed"
+
+    def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
+        return [s if (s := SEED_MEMORY_WEIGHT * c.state.memory_free_mb
+                      + SEED_IDLE_WEIGHT * (100.0 - c.state.gpu_util)
+                      - SEED_CONCURRENCY_PENALTY * c.state.concurrent_requests) > SEED_FLOOR
+                else SEED_FLOOR for c in candidates]
