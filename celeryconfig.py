@@ -204,3 +204,60 @@ beat_schedule = {
     },
 }
 beat_schedule_filename = os.path.join(home, "celerybeat-schedule")
+
+# --- Dispatcher ----------------------------------------------------------------
+
+from scoring import PROFILES as _PROFILES  # noqa: E402  (pure, standard library only)
+
+
+def _port_or_zero(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port (1-65535) or 0")
+    return value
+
+
+dispatch_mode = _declare(
+    "GPU_DISPATCH_DISPATCH_MODE", "producer", "producer|central",
+    "producer: dispatch_inference.delay() picks the GPU in the calling process and publishes run_inference "
+    "straight to its queue (one hop); central: it queues dispatch_inference on 'dispatch' for a dispatcher "
+    "worker to pick (two hops)",
+    lambda raw: _choice(raw, {"producer", "central"}))
+dispatch_profile = _declare(
+    "GPU_DISPATCH_PROFILE", "default", "profile name",
+    "scoring profile that picks the GPU: default, seed (the seed article's formula) or p2c",
+    lambda raw: _choice(raw, set(_PROFILES)))
+max_prompt_bytes = _declare(
+    "GPU_DISPATCH_MAX_PROMPT_BYTES", 1048576, "bytes",
+    "largest prompt dispatch_inference accepts, UTF-8 encoded; a larger one is refused at delay()", _positive(int))
+max_reading_age = _declare(
+    "GPU_DISPATCH_MAX_READING_AGE", 15.0, "seconds",
+    "a GPU whose metadata reading is older than this gets no work (keep it above twice "
+    "GPU_DISPATCH_REFRESH_INTERVAL)", _positive(float))
+no_gpu_wait = _declare(
+    "GPU_DISPATCH_NO_GPU_WAIT", 30.0, "seconds",
+    "how long a request waits (retrying) for an eligible GPU before it fails with NoGpuAvailable", _positive(float))
+no_gpu_backoff = _declare(
+    "GPU_DISPATCH_NO_GPU_BACKOFF", 0.5, "seconds",
+    "first wait before retrying a request no GPU could take; doubles on each retry", _positive(float))
+no_gpu_backoff_max = _declare(
+    "GPU_DISPATCH_NO_GPU_BACKOFF_MAX", 5.0, "seconds",
+    "longest single wait between retries of a request no GPU could take", _positive(float))
+reconcile_interval = _declare(
+    "GPU_DISPATCH_RECONCILE_INTERVAL", 5.0, "seconds",
+    "period of the dispatcher's full instance list from Nacos (besides its push subscription)", _positive(float))
+queue_depth_interval = _declare(
+    "GPU_DISPATCH_QUEUE_DEPTH_INTERVAL", 0.25, "seconds",
+    "period at which the dispatcher counts each GPU queue's waiting messages (one pipelined LLEN)",
+    _positive(float))
+rescue_interval = _declare(
+    "GPU_DISPATCH_RESCUE_INTERVAL", 2.0, "seconds",
+    "period at which the dispatcher worker looks for GPU queues whose instance left Nacos and re-dispatches "
+    "their messages", _positive(float))
+metrics_port = _declare(
+    "GPU_DISPATCH_METRICS_PORT", 9808, "TCP port",
+    "where a dispatcher worker serves Prometheus metrics (/metrics); 0 turns it off", _port_or_zero)
+
+# dispatch_inference goes to the dispatch queue unless the producer path sends run_inference
+# straight to a GPU queue; run_inference is always sent with the chosen GPU's queue.
+task_routes = {contract.DISPATCH_TASK: {"queue": contract.DISPATCH_QUEUE}}

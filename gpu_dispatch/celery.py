@@ -11,5 +11,5 @@ from workers import steps
 
 app = Celery("gpu_dispatch")
 app.config_from_object("celeryconfig")
-app.conf.include = ["workers.tasks"]
+app.conf.include = ["workers.tasks", "dispatcher.tasks"]
 steps.install(app)

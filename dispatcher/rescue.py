@@ -1,0 +1,237 @@
+"""Orphan rescue: work left in the queue of a GPU that has left Nacos goes to a live GPU.
+
+A GPU's queue ``gpu.<ip>.<port>`` has one consumer, that GPU's worker.  When
+its instance leaves the service (worker killed, or shut down: a warm shutdown
+deregisters first) while messages remain for it, those messages are orphans:
+
+- **queued** — waiting in the queue's Redis list (sent before the dispatcher
+  saw the GPU go; or put back by kombu when the worker's channel closed);
+- **unacknowledged** — taken by the worker (running or prefetched) and held in
+  kombu's ``unacked`` hash until acknowledged.  Kombu itself puts them back in
+  the queue only after the visibility timeout (above the longest inference,
+  minutes); we do it as soon as the worker is known dead: its instance is
+  gone *and* its Celery node does not answer a ping.  A worker that answers
+  is finishing its running requests after a warm shutdown: its messages are
+  left alone.  One whose result is already ``SUCCESS`` is dropped instead of
+  put back, so nothing that succeeded runs twice.
+
+Every :data:`rescue_interval` seconds the dispatcher worker sweeps: a queue
+seen orphaned on two sweeps in a row (so a momentary gap in Nacos's list is
+not mistaken for a departure) has its unacknowledged messages of a dead
+worker put back and then its list drained, oldest first, each message sent to
+the GPU the scoring picks for it (same task id, same body) and placed at the
+head of that GPU's queue, since it has waited longest.  Every move is one Lua
+script that pops the message only if it is still the one read (compare and
+move), so two dispatcher workers can sweep at once, a crash between two
+moves loses nothing, and a message is never in two queues.  While the view
+has not heard from Nacos recently (``GPU_DISPATCH_RECONCILE_INTERVAL`` × 3)
+nothing is touched: an unreachable Nacos must not look like every GPU gone.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import states
+
+from dispatcher import metrics
+from dispatcher.request import scoring_request
+from dispatcher.view import RegistryView
+from gpu_dispatch.contract import INFERENCE_TASK
+from scoring import NoEligibleGpu, Request, ScoringError
+
+log = logging.getLogger(__name__)
+
+#: Keys of per-GPU queues (Redis lists named after the queue).
+GPU_QUEUE_PATTERN = "gpu.*"
+#: Suffixes of a GPU worker's own lanes (refresh fan-out, control): never rescued.
+LANE_SUFFIXES = (".control", ".refresh")
+#: kombu's Redis transport: separator of priority sub-queues, and its ack-emulation keys.
+PRIORITY_SEPARATOR = "\x06\x16"
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+#: Seconds to wait for a departed worker's node to answer a ping before treating it as dead.
+PING_TIMEOUT = 1.0
+#: Sweeps a queue must be seen orphaned in a row before it is drained.
+CONFIRMING_SWEEPS = 2
+
+#: Pop the oldest message of KEYS[1] if it is still ARGV[1], push ARGV[2] as the next out of KEYS[2].
+_MOVE = """
+if redis.call('LINDEX', KEYS[1], -1) == ARGV[1] then
+  redis.call('RPOP', KEYS[1])
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+#: Take unacked entry ARGV[1] if it still holds ARGV[2]; push ARGV[3] (if any) as the next out of KEYS[3].
+_RESTORE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[3]) end
+  return 1
+end
+return 0
+"""
+
+
+class OrphanRescue:
+    """Sweeps the broker for orphaned GPU queues (see the module docstring) on a thread of its own.
+
+    :param app: the Celery app (broker, result backend, remote control, settings).
+    :param view: the dispatcher's registry view: which GPUs are present, and the scoring.
+    """
+
+    def __init__(self, app: Any, view: RegistryView) -> None:
+        self.app = app
+        self.view = view
+        self.interval = app.conf.rescue_interval
+        self.trust_view_for = 3 * app.conf.reconcile_interval
+        self.broker = redis.Redis.from_url(app.conf.broker_url)
+        self._move = self.broker.register_script(_MOVE)
+        self._restore = self.broker.register_script(_RESTORE)
+        self._orphaned_sweeps: dict[str, int] = {}
+        self._stuck_logged: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-dispatch-rescue", daemon=True)
+
+    def start(self) -> "OrphanRescue":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.interval + PING_TIMEOUT + 5)
+        self.broker.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:  # a broker hiccup must not end the rescue for good
+                log.exception("orphan rescue sweep failed; trying again in %g s", self.interval)
+
+    # -- one sweep ----------------------------------------------------------------------
+
+    def sweep(self) -> dict[str, int]:
+        """Rescue what is due now; returns the messages moved, by orphaned queue."""
+        if not self.view.heard_within(self.trust_view_for):
+            return {}
+        present = self.view.present_queues()
+        unacked = self._unacked_by_queue()
+        queues = {_base(k.decode()) for k in self.broker.scan_iter(match=GPU_QUEUE_PATTERN, _type="LIST")}
+        orphans = {q for q in queues | set(unacked) if q not in present and not q.endswith(LANE_SUFFIXES)}
+        self._orphaned_sweeps = {q: self._orphaned_sweeps.get(q, 0) + 1 for q in orphans}
+        moved = {}
+        for queue in sorted(orphans):
+            if self._orphaned_sweeps[queue] < CONFIRMING_SWEEPS:
+                continue
+            if unacked.get(queue):
+                self._restore_unacked(queue, unacked[queue])
+            count = self._drain(queue)
+            if count:
+                moved[queue] = count
+        return moved
+
+    def _unacked_by_queue(self) -> dict[str, list[tuple[bytes, bytes, list]]]:
+        """kombu's unacknowledged messages taken from GPU queues: queue -> [(tag, raw entry, entry)]."""
+        by_queue: dict[str, list[tuple[bytes, bytes, list]]] = {}
+        for tag, raw in self.broker.hgetall(UNACKED_KEY).items():
+            try:
+                entry = json.loads(raw)
+                payload, exchange, routing_key = entry
+            except (ValueError, TypeError):
+                continue
+            queue = routing_key or exchange
+            if isinstance(queue, str) and queue.startswith("gpu.") and not queue.endswith(LANE_SUFFIXES):
+                by_queue.setdefault(queue, []).append((tag, raw, entry))
+        return by_queue
+
+    def _restore_unacked(self, queue: str, entries: list[tuple[bytes, bytes, list]]) -> None:
+        worker = self.view.last_worker(queue)
+        if worker is None:
+            if queue not in self._stuck_logged:
+                self._stuck_logged.add(queue)
+                log.warning("%d unacknowledged messages of orphaned queue %s: its worker is unknown to this "
+                            "dispatcher, so they return after the broker's visibility timeout", len(entries), queue)
+            return
+        if self.app.control.ping([worker], timeout=PING_TIMEOUT):
+            log.info("queue %s: worker %s left Nacos but still answers (finishing its requests); "
+                     "its %d unacknowledged messages are left to it", queue, worker, len(entries))
+            return
+        for tag, raw, (payload, _exchange, _routing_key) in entries:
+            task_id = (payload.get("headers") or {}).get("id")
+            done = bool(task_id) and self.app.AsyncResult(task_id).state == states.SUCCESS
+            if not done:
+                _mark_redelivered(payload)
+            if self._restore(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, queue],
+                             args=[tag, raw, "" if done else json.dumps(payload)]):
+                metrics.RESCUED.labels("unacked").inc()
+                log.warning("task %s: worker %s of queue %s is dead; %s", task_id, worker, queue,
+                            "it had already succeeded, dropped" if done else "put back for re-dispatch")
+
+    def _drain(self, queue: str) -> int:
+        moved = 0
+        started = time.monotonic()
+        while True:
+            raw = self.broker.lindex(queue, -1)
+            if raw is None:
+                break
+            payload, request, task_id = _read(raw)
+            try:
+                decision = self.view.choose(request, task_id, path="rescue")
+            except NoEligibleGpu as exc:
+                log.warning("orphaned queue %s holds %d messages; none can move yet: %s", queue,
+                            self.broker.llen(queue), exc)
+                break
+            target = decision.chosen.state.queue
+            if target == queue:  # the GPU came back between the list and now
+                break
+            if payload is not None:
+                payload.setdefault("properties", {})["delivery_info"] = {"exchange": "", "routing_key": target}
+            if self._move(keys=[queue, target], args=[raw, json.dumps(payload) if payload is not None else raw]):
+                moved += 1
+                metrics.RESCUED.labels("queued").inc()
+                log.info("task %s: moved from orphaned queue %s to %s", task_id, queue, target)
+        if moved:
+            log.warning("orphaned queue %s: %d messages re-dispatched in %.3f s", queue, moved,
+                        time.monotonic() - started)
+        return moved
+
+
+def _base(key: str) -> str:
+    return key.split(PRIORITY_SEPARATOR, 1)[0]
+
+
+def _mark_redelivered(payload: dict) -> None:
+    # As kombu marks a message it restores, so the worker knows it may have run before.
+    (payload.get("headers") or {})["redelivered"] = True
+    ((payload.get("properties") or {}).get("delivery_info") or {})["redelivered"] = True
+
+
+def _read(raw: bytes) -> tuple[dict | None, Request, str]:
+    """A kombu message's payload, the scoring request of the run_inference it carries, and its task id.
+
+    A message this code cannot read is still moved, unchanged, to a GPU that
+    takes any request: the worker that receives it reports the problem.
+    """
+    try:
+        payload = json.loads(raw)
+        headers = payload.get("headers") or {}
+        task_id = str(headers.get("id", "?"))
+        if headers.get("task") != INFERENCE_TASK:
+            return payload, Request(), task_id
+        body = payload["body"]
+        if (payload.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+        return payload, scoring_request(kwargs), task_id
+    except (ValueError, TypeError, KeyError, ScoringError):
+        return None, Request(), "?"
