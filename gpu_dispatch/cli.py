@@ -14,7 +14,7 @@ import time
 import click
 
 import celeryconfig
-from gpu_dispatch.processes import beat_argv, flower_argv, gpu_worker_argv
+from gpu_dispatch.processes import beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
 from gpu_dispatch.servers import ServerError, local_servers
 
 
@@ -88,6 +88,17 @@ def worker(gpu: int, concurrency: int | None, tenants: str | None, simulated: bo
     _exec(argv, env)
 
 
+@main.command("dispatcher", context_settings={"ignore_unknown_options": True})
+@click.option("--concurrency", "-c", type=int, default=4, show_default=True, help="Dispatch threads.")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def dispatcher(concurrency: int, celery_args) -> None:
+    """Run a central dispatcher worker: the dispatch queue, no-GPU retries, orphan rescue, /metrics.
+
+    The same as: celery -A gpu_dispatch worker -Q dispatch --pool threads -c 4 --prefetch-multiplier 8
+    """
+    _exec(dispatcher_argv(concurrency) + list(celery_args), {})
+
+
 @main.command("beat")
 def beat() -> None:
     """Run celery beat, which sends refresh_gpu_metadata to every GPU worker each refresh interval."""
@@ -99,7 +110,7 @@ def beat() -> None:
 @click.option("--address", default="127.0.0.1", show_default=True, help="Address Flower listens on.")
 def flower(port: int, address: str) -> None:
     """Run Flower to watch dispatch and inference tasks (task events are on)."""
-    _exec(flower_argv(port, address), {})
+    _exec(flower_argv(port, address), flower_env(address))
 
 
 def _exec(argv: list[str], env: dict[str, str]) -> None:
@@ -149,7 +160,7 @@ def status(once: bool, as_json: bool, interval: float, profile: str) -> None:
 
 @main.command("demo")
 @click.option("--prompts", default=300, show_default=True, help="Prompts to send.")
-@click.option("--rate", default=60.0, show_default=True, help="Prompts sent per second.")
+@click.option("--rate", default=20.0, show_default=True, help="Prompts sent per second (the 4 GPUs serve about 25).")
 @click.option("--keep", is_flag=True, help="Leave everything running afterwards (Ctrl-C stops it).")
 @click.option("--flower-port", default=5555, show_default=True, help="Port of Flower's web UI.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,

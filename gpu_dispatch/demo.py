@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import celeryconfig
-from gpu_dispatch.processes import Supervisor, beat_argv, celery, flower_argv, gpu_worker_argv
-from gpu_dispatch.registry import Registry
+from gpu_dispatch.processes import Supervisor, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
+from gpu_dispatch.registry import Registry, RegistryError
 from gpu_dispatch.servers import local_servers
 
 #: The simulated cluster: (GPU index, other tenants' profile).
@@ -57,18 +57,17 @@ def run(prompts: int, rate: float, keep: bool, flower_port: int, plot: Path | No
     console.print(f"[bold]gpu-dispatch demo[/bold] — logs in {logs}")
     try:
         for server in local_servers(celeryconfig):
-            was_ours = server.status().managed or not server.answering()
+            already_up = server.answering()
             console.print(f"  {server.start(timeout=120)}")
-            if was_ours:
+            if not already_up:  # stop afterwards only what this run started
                 started_servers.append(server)
         env = dict(DEMO_ENV)
         for gpu, tenants in GPUS:
             supervisor.start(f"gpu{gpu}", gpu_worker_argv(gpu, SLOTS, node=f"demo-gpu{gpu}@%h"),
                              {**env, "GPU_DISPATCH_SIM_TENANTS": tenants, "GPU_DISPATCH_SIM_SEED": str(gpu)})
         supervisor.start("beat", beat_argv(str(logs / "celerybeat-schedule")), env)
-        supervisor.start("dispatcher", celery("worker", "-Q", "dispatch", "--pool", "threads", "--concurrency", "4",
-                                              "-n", "demo-dispatcher@%h", "--loglevel", "info"), env)
-        supervisor.start("flower", flower_argv(flower_port), env)
+        supervisor.start("dispatcher", dispatcher_argv(node="demo-dispatcher@%h"), env)
+        supervisor.start("flower", flower_argv(flower_port), {**env, **flower_env("127.0.0.1")})
         console.print(f"  4 GPU workers ({', '.join(f'gpu{g}: {t}' for g, t in GPUS)}), beat, a dispatcher "
                       f"worker and Flower (http://127.0.0.1:{flower_port}) starting ...")
         registry = Registry.from_config(celeryconfig)
@@ -103,8 +102,11 @@ def _wait_for_gpus(registry: Registry, supervisor: Supervisor, console) -> None:
         while time.monotonic() < deadline:
             if supervisor.dead():
                 raise DemoError(f"{', '.join(supervisor.dead())} exited; see its log in {supervisor.log_dir}")
-            if len(registry.list_instances()) >= len(GPUS):
-                return
+            try:
+                if len(registry.list_instances()) >= len(GPUS):
+                    return
+            except RegistryError:  # a Nacos that has just started may not take calls yet
+                pass
             time.sleep(0.5)
     raise DemoError(f"the GPUs did not all register within {REGISTER_TIMEOUT:.0f} s; "
                     f"see the gpu*.log files in {supervisor.log_dir}")

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from gpu_dispatch.contract import DISPATCH_QUEUE
+
 #: Seconds a process gets to finish after SIGTERM before SIGKILL.
 STOP_TIMEOUT = 30.0
 
@@ -28,12 +30,23 @@ def gpu_worker_argv(gpu: int, concurrency: int, node: str | None = None, logleve
                   "-n", node or f"gpu{gpu}@%h", "--loglevel", loglevel)
 
 
+def dispatcher_argv(concurrency: int = 4, node: str = "dispatcher@%h", loglevel: str = "info") -> list[str]:
+    """``celery -A gpu_dispatch worker -Q dispatch --pool threads ...``: the central dispatcher worker."""
+    return celery("worker", "-Q", DISPATCH_QUEUE, "--pool", "threads", "--concurrency", str(concurrency),
+                  "--prefetch-multiplier", "8", "-n", node, "--loglevel", loglevel)
+
+
 def beat_argv(schedule: str, loglevel: str = "info") -> list[str]:
     return celery("beat", "--schedule", schedule, "--loglevel", loglevel)
 
 
 def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
     return celery("flower", f"--port={port}", f"--address={address}")
+
+
+def flower_env(address: str) -> dict[str, str]:
+    """Flower's HTTP API is open without auth only on loopback; elsewhere pass --basic-auth or --auth."""
+    return {"FLOWER_UNAUTHENTICATED_API": "true"} if address in {"127.0.0.1", "localhost", "::1"} else {}
 
 
 class Supervisor:

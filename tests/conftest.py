@@ -7,8 +7,10 @@ developer's servers on the default ports (6379, 8848) are never touched.
 import os
 
 #: Ports of the servers the test session starts (Nacos also uses +1000 and +1001 for gRPC, -1000 for JRaft).
-TEST_REDIS_PORT = 16399
-TEST_NACOS_PORT = 18848
+#: Override with GPU_DISPATCH_TEST_REDIS_PORT / GPU_DISPATCH_TEST_NACOS_PORT to run two test sessions at once
+#: (give each its own GPU_DISPATCH_HOME too: pid files live there).
+TEST_REDIS_PORT = int(os.environ.get("GPU_DISPATCH_TEST_REDIS_PORT", 16399))
+TEST_NACOS_PORT = int(os.environ.get("GPU_DISPATCH_TEST_NACOS_PORT", 18848))
 
 os.environ["GPU_DISPATCH_BROKER_URL"] = f"redis://127.0.0.1:{TEST_REDIS_PORT}/0"
 os.environ["GPU_DISPATCH_RESULT_BACKEND"] = f"redis://127.0.0.1:{TEST_REDIS_PORT}/1"

@@ -5,15 +5,24 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import urllib.request
 
+from dispatcher import dispatch_inference
 from gpu_dispatch.celery import app
+from gpu_dispatch.processes import flower_argv, flower_env
+from tests.integration.dispatch_support import FAST_GPU, central_mode, producer_view, start_dispatcher  # noqa: F401
 from tests.support import PYTHON, spawn, start_beat, start_gpu_worker, stop, wait_until
 
 STATUS_FIELDS = {"host", "gpu", "name", "queue", "free_mb", "total_mb", "util", "in_flight", "queue_depth",
                  "age_s", "source", "score", "probability", "excluded"}
 #: Port of the Flower the test starts (never Flower's default 5555).
 FLOWER_PORT = 15555
+#: Port of the dispatcher's Prometheus endpoint in the test (never the default 9808).
+METRICS_PORT = 19808
+#: Series the dispatcher's /metrics must serve (issue: decisions per GPU, retries, rescues, ages, depth).
+METRIC_SERIES = ("gpu_dispatch_decisions_total", "gpu_dispatch_no_gpu_retries_total", "gpu_dispatch_rescued_total",
+                 "gpu_dispatch_reading_age_seconds", "gpu_dispatch_queue_depth", "gpu_dispatch_view_age_seconds")
 
 
 def status_json(service: str) -> list[dict]:
@@ -46,27 +55,55 @@ def test_status_json_reports_every_registered_gpu_and_why_one_is_excluded(make_r
     assert stranger_row["probability"] == 0 and "queue" in stranger_row["excluded"]
 
 
-def test_flower_api_shows_a_dispatched_requests_tasks(service_name, celery_processes):
-    from dispatcher import dispatch_inference
-
-    celery_processes.append(start_gpu_worker(app, 0, service_name))
-    flower = spawn([PYTHON, "-m", "celery", "-A", "gpu_dispatch", "flower", f"--port={FLOWER_PORT}",
-                    "--address=127.0.0.1"], "flower")
+def test_flower_api_shows_a_dispatched_requests_tasks(service_name, celery_processes, producer_view):
+    celery_processes.append(start_gpu_worker(app, 0, service_name, env=FAST_GPU))
+    wait_until(producer_view.candidates, 30, "the GPU in the dispatcher's view")
+    flower = spawn(flower_argv(FLOWER_PORT), "flower", flower_env("127.0.0.1"))
     try:
         wait_until(lambda: _get(f"http://127.0.0.1:{FLOWER_PORT}/healthcheck") == b"OK", 30, "Flower to answer")
+        # Flower answers before its event consumer is subscribed: warm up until it sees a task at all.
+        wait_until(lambda: _flower_task(dispatch_inference.delay("warm-up").id, wait=2.0), 30, "Flower's events")
         result = dispatch_inference.delay("hello Flower")
         answer = result.get(timeout=60)
 
-        def seen() -> dict:
-            tasks = json.loads(_get(f"http://127.0.0.1:{FLOWER_PORT}/api/tasks") or b"{}")
-            return tasks.get(result.id)
+        def seen() -> dict | None:
+            task = _flower_task(result.id)
+            return task if task and task.get("state") == "SUCCESS" and task.get("name") else None
 
-        task = wait_until(seen, 30, "the request's task in Flower's API")
-        assert task["state"] == "SUCCESS"
-        assert task["name"] in {"run_inference", "dispatch_inference"}
-        assert answer["gpu"]["queue"] in (task.get("routing_key"), answer["gpu"]["queue"])
+        task = wait_until(seen, 30, "the request's task, succeeded, in Flower's API")
+        # On the producer path the caller's task id is run_inference's, on the GPU the answer names.
+        assert task["name"] == "run_inference"
+        assert task["worker"] == answer["gpu"]["worker"]
     finally:
         stop(flower)
+
+
+def test_metrics_endpoint_serves_the_dispatchers_series(service_name, celery_processes, central_mode):
+    celery_processes.append(start_gpu_worker(app, 0, service_name, env=FAST_GPU))
+    start_dispatcher(service_name, celery_processes, env={"GPU_DISPATCH_METRICS_PORT": str(METRICS_PORT)})
+
+    answer = dispatch_inference.delay("count me").get(timeout=60)
+
+    def scraped() -> str | None:
+        body = _get(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+        text = body.decode() if body else ""
+        return text if 'gpu_dispatch_queue_depth{gpu="127.0.0.1:8000"}' in text else None
+
+    text = wait_until(scraped, 30, "the dispatcher's metrics with the GPU's queue depth")
+    for series in METRIC_SERIES:  # declared (a counter with no sample yet shows only its # TYPE line)
+        assert f"# TYPE {series} " in text, f"{series} missing from /metrics"
+    key = answer["gpu"]["ip"] + ":" + str(answer["gpu"]["port"])
+    assert f'gpu_dispatch_decisions_total{{gpu="{key}",path="central"}} 1.0' in text
+
+
+def _flower_task(task_id: str, wait: float = 0.0) -> dict | None:
+    """Flower's record of one task (via its HTTP API), waiting up to ``wait`` seconds for it."""
+    deadline = time.monotonic() + wait
+    while True:
+        task = json.loads(_get(f"http://127.0.0.1:{FLOWER_PORT}/api/tasks") or b"{}").get(task_id)
+        if task or time.monotonic() >= deadline:
+            return task
+        time.sleep(0.1)
 
 
 def _get(url: str) -> bytes | None:
@@ -88,6 +125,6 @@ def test_the_demo_in_short_mode_loses_nothing_and_leaves_no_process_behind(tmp_p
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "40 answered, 0 errors, 0 lost of 40 sent" in done.stdout
     assert plot.exists()
-    leftovers = subprocess.run(["pgrep", "-f", "demo-gpu|demo-dispatcher|celery -A gpu_dispatch (beat|flower)"],
-                               capture_output=True, text=True).stdout.split()
+    demo_processes = f"demo-gpu|demo-dispatcher|demo/celerybeat-schedule|--port={FLOWER_PORT + 1}"
+    leftovers = subprocess.run(["pgrep", "-f", demo_processes], capture_output=True, text=True).stdout.split()
     assert leftovers == [], f"processes left behind: {leftovers}"
