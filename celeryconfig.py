@@ -254,6 +254,10 @@ rescue_interval = _declare(
     "GPU_DISPATCH_RESCUE_INTERVAL", 2.0, "seconds",
     "period at which the dispatcher worker looks for GPU queues whose instance left Nacos and re-dispatches "
     "their messages", _positive(float))
+dispatch_stall_seconds = _declare(
+    "GPU_DISPATCH_DISPATCH_STALL_SECONDS", 10.0, "seconds",
+    "a dispatch message held unacknowledged this long past its ETA, by no node that answers, is put back "
+    "(its dispatcher worker died mid-dispatch); dispatching one takes milliseconds", _positive(float))
 metrics_port = _declare(
     "GPU_DISPATCH_METRICS_PORT", 9808, "TCP port",
     "where a dispatcher worker serves Prometheus metrics (/metrics); 0 turns it off", _port_or_zero)

@@ -12,8 +12,9 @@ worker; then measures, for the same ``run_inference`` work:
 - **producer** — ``dispatch_inference.delay()`` on the producer path (this
   process's registry view picks the GPU, one hop);
 - **central** — ``dispatch_inference.delay()`` on the central path (queued on
-  ``dispatch``; the dispatcher worker picks and hands over with
-  ``Task.replace``: two hops).
+  ``dispatch``; the dispatcher worker picks and forwards ``run_inference``
+  under the same task id: two hops).  ``--dispatcher-pool solo`` runs that
+  worker with the solo pool instead of threads.
 
 Round trip: one request at a time, ``.get()`` before the next (median and
 p99 over ``--requests``).  Throughput: ``--requests`` sent at once, then every
@@ -55,6 +56,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests per measurement (default 1000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the best kept (default 3)")
     parser.add_argument("--concurrency", type=int, default=4, help="inference slots per GPU worker (default 4)")
+    parser.add_argument("--dispatcher-pool", choices=("threads", "solo"), default="threads",
+                        help="pool of the dispatcher worker: threads (-c CONCURRENCY --prefetch-multiplier 8, "
+                             "as deployed by default) or solo (--prefetch-multiplier 32)")
     options = parser.parse_args()
 
     servers = local_servers(celeryconfig)
@@ -79,10 +83,10 @@ def run(supervisor: Supervisor, options: argparse.Namespace) -> None:
                          PROCESS_ENV)
     supervisor.start("beat", beat_argv(str(Path(celeryconfig.home) / "bench-logs" / "beat.schedule"), "warning"),
                      PROCESS_ENV)
-    supervisor.start("dispatcher", celery("worker", "-Q", "dispatch", "--pool", "threads", "--concurrency",
-                                          str(options.concurrency), "--prefetch-multiplier", "8",
-                                          "-n", "bench-dispatcher@%h", "--loglevel",
-                                          "warning"), PROCESS_ENV)
+    pool = (["--pool", "threads", "--concurrency", str(options.concurrency), "--prefetch-multiplier", "8"]
+            if options.dispatcher_pool == "threads" else ["--pool", "solo", "--prefetch-multiplier", "32"])
+    supervisor.start("dispatcher", celery("worker", "-Q", "dispatch", *pool, "-n", "bench-dispatcher@%h",
+                                          "--loglevel", "warning"), PROCESS_ENV)
     deadline = time.monotonic() + 60
     while True:
         view = views.current_view(app)
@@ -137,7 +141,7 @@ def report(best: dict[str, dict[str, float]], options: argparse.Namespace) -> No
     plain = best["plain"]
     print(f"\n{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{options.requests} requests × {options.rounds} rounds, best round each; "
-          f"2 simulated GPU workers × {options.concurrency} slots")
+          f"2 simulated GPU workers × {options.concurrency} slots; dispatcher pool {options.dispatcher_pool}")
     print(f"{'path':<10}{'median ms':>11}{'p99 ms':>9}{'tasks/s':>9}{'median ×plain':>15}{'tasks/s ÷plain':>16}")
     for mode in MODES:
         f = best[mode]

@@ -26,11 +26,19 @@ move), so two dispatcher workers can sweep at once, a crash between two
 moves loses nothing, and a message is never in two queues.  While the view
 has not heard from Nacos recently (``GPU_DISPATCH_RECONCILE_INTERVAL`` × 3)
 nothing is touched: an unreachable Nacos must not look like every GPU gone.
+
+The same sweep also looks at the ``dispatch`` queue's unacknowledged
+messages: one held longer than ``GPU_DISPATCH_DISPATCH_STALL_SECONDS`` past
+its ETA by no node that answers is a dead dispatcher worker's, and is put
+back — or dropped if its ``run_inference`` was already sent (see
+:meth:`OrphanRescue._rescue_stalled_dispatches`).  That part needs no view of
+the GPUs and runs whether Nacos answers or not.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import logging
 import threading
@@ -43,7 +51,7 @@ from celery import states
 from dispatcher import metrics
 from dispatcher.request import scoring_request
 from dispatcher.view import RegistryView
-from gpu_dispatch.contract import INFERENCE_TASK
+from gpu_dispatch.contract import DISPATCH_QUEUE, INFERENCE_TASK
 from scoring import NoEligibleGpu, Request, ScoringError
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,9 @@ UNACKED_INDEX_KEY = "unacked_index"
 PING_TIMEOUT = 1.0
 #: Sweeps a queue must be seen orphaned in a row before it is drained.
 CONFIRMING_SWEEPS = 2
+
+#: One of kombu's unacknowledged messages: (delivery tag, raw entry, [payload, exchange, routing key]).
+Entry = tuple[bytes, bytes, list]
 
 #: Pop the oldest message of KEYS[1] if it is still ARGV[1], push ARGV[2] as the next out of KEYS[2].
 _MOVE = """
@@ -97,6 +108,7 @@ class OrphanRescue:
         self.broker = redis.Redis.from_url(app.conf.broker_url)
         self._move = self.broker.register_script(_MOVE)
         self._restore = self.broker.register_script(_RESTORE)
+        self.stall_seconds = app.conf.dispatch_stall_seconds
         self._orphaned_sweeps: dict[str, int] = {}
         self._stuck_logged: set[str] = set()
         self._stop = threading.Event()
@@ -122,10 +134,12 @@ class OrphanRescue:
 
     def sweep(self) -> dict[str, int]:
         """Rescue what is due now; returns the messages moved, by orphaned queue."""
+        unacked, stalled = self._unacked_by_queue()
+        if stalled:  # needs no view of the GPUs
+            self._rescue_stalled_dispatches(stalled)
         if not self.view.heard_within(self.trust_view_for):
             return {}
         present = self.view.present_queues()
-        unacked = self._unacked_by_queue()
         queues = {_base(k.decode()) for k in self.broker.scan_iter(match=GPU_QUEUE_PATTERN, _type="LIST")}
         orphans = {q for q in queues | set(unacked) if q not in present and not q.endswith(LANE_SUFFIXES)}
         self._orphaned_sweeps = {q: self._orphaned_sweeps.get(q, 0) + 1 for q in orphans}
@@ -140,9 +154,11 @@ class OrphanRescue:
                 moved[queue] = count
         return moved
 
-    def _unacked_by_queue(self) -> dict[str, list[tuple[bytes, bytes, list]]]:
-        """kombu's unacknowledged messages taken from GPU queues: queue -> [(tag, raw entry, entry)]."""
+    def _unacked_by_queue(self) -> tuple[dict[str, list[Entry]], list[Entry]]:
+        """kombu's unacknowledged messages: those taken from GPU queues, by queue ([(tag, raw entry, entry)]),
+        and those taken from the dispatch queue that have stalled (see :meth:`_rescue_stalled_dispatches`)."""
         by_queue: dict[str, list[tuple[bytes, bytes, list]]] = {}
+        dispatch: list[tuple[bytes, bytes, list]] = []
         for tag, raw in self.broker.hgetall(UNACKED_KEY).items():
             try:
                 entry = json.loads(raw)
@@ -150,9 +166,94 @@ class OrphanRescue:
             except (ValueError, TypeError):
                 continue
             queue = routing_key or exchange
-            if isinstance(queue, str) and queue.startswith("gpu.") and not queue.endswith(LANE_SUFFIXES):
+            if queue == DISPATCH_QUEUE:
+                dispatch.append((tag, raw, entry))
+            elif isinstance(queue, str) and queue.startswith("gpu.") and not queue.endswith(LANE_SUFFIXES):
                 by_queue.setdefault(queue, []).append((tag, raw, entry))
-        return by_queue
+        stalled = []
+        if dispatch:
+            now = time.time()
+            held_since = self.broker.zmscore(UNACKED_INDEX_KEY, [tag for tag, _raw, _entry in dispatch])
+            for (tag, raw, entry), since in zip(dispatch, held_since):
+                if since is not None and now - max(since, _eta(entry[0])) > self.stall_seconds:
+                    stalled.append((tag, raw, entry))
+        return by_queue, stalled
+
+    # -- dispatch messages of a dead dispatcher ----------------------------------------------
+
+    def _rescue_stalled_dispatches(self, stalled: list[Entry]) -> None:
+        """Put back the ``dispatch`` messages a dead dispatcher worker held; drop those it already forwarded.
+
+        ``dispatch_inference`` takes milliseconds, so a ``dispatch`` message
+        held unacknowledged for more than ``GPU_DISPATCH_DISPATCH_STALL_SECONDS``
+        past its ETA (a no-GPU retry waits for its ETA in the worker, unacked) is
+        either held by a stuck worker or by a dead one.  Every node is asked
+        which of these task ids it holds (one ``query_task`` broadcast); an id
+        no answering node holds is its dead dispatcher's:
+
+        - if its ``run_inference`` is already on its way (the dead dispatcher
+          published it, then died before its ack: the id sits in a GPU queue,
+          in a GPU worker's unacknowledged messages, or has a state in the
+          result backend beyond ``PENDING``/``RETRY``), the message is dropped —
+          putting it back would run the request twice;
+        - otherwise it is put back at the head of ``dispatch``, marked
+          redelivered, for any dispatcher to take.
+
+        Each move is the compare-and-take script of the GPU rescue, so two
+        dispatchers sweeping at once move a message once.  Not covered: a live
+        dispatcher that holds a message this long *and* does not answer the
+        broadcast within :data:`PING_TIMEOUT`; if it later runs it, the request
+        runs twice with one task id (at-least-once, as after kombu's own
+        visibility-timeout restore).
+        """
+        ids = {tag: str((entry[0].get("headers") or {}).get("id") or "") for tag, _raw, entry in stalled}
+        wanted = sorted({i for i in ids.values() if i})
+        replies = (self.app.control.inspect(timeout=PING_TIMEOUT).query_task(*wanted) or {}) if wanted else {}
+        held = {task_id for answer in replies.values() for task_id in (answer or {})}
+        orphaned = [(tag, raw, entry) for tag, raw, entry in stalled if ids[tag] and ids[tag] not in held]
+        if not orphaned:
+            return
+        forwarded = self._forwarded({ids[tag] for tag, _raw, _entry in orphaned})
+        for tag, raw, (payload, _exchange, _routing_key) in orphaned:
+            task_id = ids[tag]
+            done = task_id in forwarded
+            if not done:
+                _mark_redelivered(payload)
+            if self._restore(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, DISPATCH_QUEUE],
+                             args=[tag, raw, "" if done else json.dumps(payload)]):
+                metrics.RESCUED.labels("dispatch").inc()
+                log.warning("task %s: its dispatcher worker is gone (held for over %g s, no node holds it); %s",
+                            task_id, self.stall_seconds, "its run_inference was already sent, dropped" if done
+                            else "put back on the dispatch queue")
+
+    def _forwarded(self, task_ids: set[str]) -> set[str]:
+        """Those of ``task_ids`` whose ``run_inference`` is already on its way.
+
+        Looked for in the order a message moves — GPU queue lists, then GPU
+        workers' unacknowledged messages, then the result backend (STARTED,
+        written before the GPU worker runs it, or a final state) — so one
+        moving on meanwhile is still seen."""
+        found: set[str] = set()
+        for key in self.broker.scan_iter(match=GPU_QUEUE_PATTERN, _type="LIST"):
+            if key.decode().endswith(LANE_SUFFIXES):
+                continue
+            for raw in self.broker.lrange(key, 0, -1):
+                task_id = _task_id(raw)
+                if task_id in task_ids:
+                    found.add(task_id)
+        for raw in self.broker.hvals(UNACKED_KEY):
+            try:
+                payload, exchange, routing_key = json.loads(raw)
+            except (ValueError, TypeError):
+                continue
+            if (routing_key or exchange) != DISPATCH_QUEUE:
+                task_id = str((payload.get("headers") or {}).get("id"))
+                if task_id in task_ids:
+                    found.add(task_id)
+        for task_id in task_ids - found:
+            if self.app.AsyncResult(task_id).state not in (states.PENDING, states.RETRY):
+                found.add(task_id)
+        return found
 
     def _restore_unacked(self, queue: str, entries: list[tuple[bytes, bytes, list]]) -> None:
         worker = self.view.last_worker(queue)
@@ -214,6 +315,27 @@ def _mark_redelivered(payload: dict) -> None:
     # As kombu marks a message it restores, so the worker knows it may have run before.
     (payload.get("headers") or {})["redelivered"] = True
     ((payload.get("properties") or {}).get("delivery_info") or {})["redelivered"] = True
+
+
+def _eta(payload: dict) -> float:
+    """The message's ETA (a no-GPU retry's) as a Unix time; 0 when it has none."""
+    eta = (payload.get("headers") or {}).get("eta")
+    if not eta:
+        return 0.0
+    try:
+        when = datetime.datetime.fromisoformat(eta)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def _task_id(raw: bytes) -> str | None:
+    try:
+        return str((json.loads(raw).get("headers") or {}).get("id"))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def _read(raw: bytes) -> tuple[dict | None, Request, str]:

@@ -16,15 +16,18 @@ One request, from ``dispatch_inference.delay(prompt, **options)`` to the result:
 3. **Central path** (``GPU_DISPATCH_DISPATCH_MODE=central``, and the
    producer path's hand-over): ``dispatch_inference`` is queued on
    ``dispatch``; a dispatcher worker (``celery -A gpu_dispatch worker -Q
-   dispatch -P threads``) picks the GPU and hands over with
-   :meth:`celery.app.task.Task.replace`, so the caller's ``AsyncResult``
-   resolves to ``run_inference``'s result.  No eligible GPU: Celery's retry
+   dispatch -P threads``) picks the GPU and forwards ``run_inference`` there
+   under the same task id, storing nothing itself
+   (:meth:`DispatchTask.forward`; a request with callbacks, chains or chords
+   goes through :meth:`celery.app.task.Task.replace` instead), so the
+   caller's ``AsyncResult`` resolves to ``run_inference``'s result.  No eligible GPU: Celery's retry
    with exponential backoff, for at most ``GPU_DISPATCH_NO_GPU_WAIT``
    seconds; then the result fails with
    :class:`~dispatcher.errors.NoGpuAvailable` listing why each GPU was dropped.
 
 Either way the caller's ``AsyncResult.get()`` is the inference result itself.
-A dispatcher worker also runs the orphan rescue (:mod:`dispatcher.rescue`)
+A dispatcher worker also runs the orphan rescue (:mod:`dispatcher.rescue`:
+orphaned GPU queues, and ``dispatch`` messages a dead dispatcher worker held)
 and serves the Prometheus metrics (:mod:`dispatcher.metrics`).
 """
 
@@ -34,6 +37,7 @@ import logging
 from typing import Any
 
 from celery import Task
+from celery.worker.request import Request
 from celery.signals import worker_ready, worker_shutdown
 from celery.utils import uuid
 from prometheus_client import start_http_server
@@ -61,8 +65,29 @@ def _split(args: tuple | list | None, kwargs: dict | None) -> tuple[str, dict[st
     return prompt, {k: v for k, v in kwargs.items() if v is not None}
 
 
+#: Start of what ``dispatch_inference`` returns when it has forwarded the request (never stored).
+FORWARDED = "forwarded to"
+
+
+class DispatchRequest(Request):
+    """The dispatcher worker's request of ``dispatch_inference``: no ``task-succeeded`` event for a forward.
+
+    A forwarded request has not succeeded: ``run_inference``, under the same
+    task id, is just starting.  Its events (``task-sent`` from the dispatcher,
+    then ``task-received``/``-started``/``-succeeded`` from the GPU worker)
+    tell Flower the rest, as after ``Task.replace``.
+    """
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        if type == "task-succeeded" and FORWARDED in str(fields.get("result", ""))[:len(FORWARDED) + 2]:
+            return
+        super().send_event(type, **fields)
+
+
 class DispatchTask(Task):
     """``dispatch_inference``'s class: checks every call, and routes it on the producer path."""
+
+    Request = DispatchRequest
 
     def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None, link_error=None,
                     shadow=None, **options):
@@ -97,6 +122,27 @@ class DispatchTask(Task):
         return self.app.send_task(INFERENCE_TASK, args=(prompt,), kwargs=inference_options, task_id=task_id,
                                   producer=producer, queue=decision.chosen.state.queue, **options)
 
+    def forward(self, prompt: str, inference_options: dict[str, Any], queue: str) -> str:
+        """Hand the request on to ``queue`` as ``run_inference`` with this task's id.
+
+        What :meth:`~celery.app.task.Task.replace` does underneath, minus its
+        canvas bookkeeping and its exception (only requests without callbacks,
+        chains or chords come here): publish ``run_inference`` under the
+        caller's task id, then end this task *storing nothing* (the request's
+        ``ignore_result`` is set), so the caller's ``AsyncResult`` resolves to
+        ``run_inference``'s result.  ``Task.replace`` ends with
+        :class:`~celery.exceptions.Ignore`, whose two tracebacks Celery formats
+        on every call; returning costs nothing.  The ``task-succeeded`` event
+        this return would send is dropped by :class:`DispatchRequest` (it would
+        tell Flower the request had finished).  The ``dispatch`` message is
+        acked (late ack) only after this returns, so after the publish.
+        """
+        request = self.request
+        self.app.send_task(INFERENCE_TASK, args=(prompt,), kwargs=inference_options, task_id=request.id,
+                           queue=queue, parent_id=request.parent_id, root_id=request.root_id or request.id)
+        request.ignore_result = True  # read when the trace stores the outcome: nothing is stored
+        return f"{FORWARDED} {queue}"
+
     def wait_for_gpu(self, exc: NoEligibleGpu) -> None:
         """Retry later with exponential backoff, or fail with :class:`NoGpuAvailable` once the wait is spent."""
         conf = self.app.conf
@@ -113,6 +159,12 @@ class DispatchTask(Task):
         metrics.RETRIES.inc()
         log.info("task %s: %s; retry %d in %.2f s", self.request.id, exc, retries + 1, countdown)
         raise self.retry(countdown=countdown)
+
+
+def _uses_canvas(request: Any) -> bool:
+    """Whether the running request carries Celery canvas bookkeeping that only Task.replace carries over."""
+    return bool(request.is_eager or request.callbacks or request.errbacks or request.chain or request.chord
+                or request.group)
 
 
 def backoff(retries: int, first: float, longest: float) -> float:
@@ -145,9 +197,11 @@ def dispatch_inference(self: DispatchTask, prompt: str, **options: Any) -> Any:
         decision = view.choose(request, self.request.id, path="central")
     except NoEligibleGpu as exc:
         return self.wait_for_gpu(exc)
-    inference = self.app.signature(INFERENCE_TASK, args=(prompt,), kwargs=inference_options,
-                                   queue=decision.chosen.state.queue)
-    return self.replace(inference)
+    queue = decision.chosen.state.queue
+    if _uses_canvas(self.request):
+        return self.replace(self.app.signature(INFERENCE_TASK, args=(prompt,), kwargs=inference_options,
+                                               queue=queue))
+    return self.forward(prompt, inference_options, queue)
 
 
 # -- the dispatcher worker: a worker that consumes the dispatch queue ---------------------

@@ -1,18 +1,25 @@
-"""Nothing lost: a GPU worker killed under load, a worker shut down with work queued, Nacos restarted."""
+"""Nothing lost: a GPU worker killed under load, a worker shut down with work queued, Nacos restarted,
+a dispatcher worker killed mid-dispatch."""
 
 from __future__ import annotations
 
+import collections
+import json
+import re
 import signal
 import threading
 import time
 
 import redis
+from celery.utils import uuid
 
 from dispatcher import dispatch_inference
+from dispatcher.rescue import OrphanRescue
 from gpu_dispatch.celery import app
-from tests.integration.dispatch_support import (producer_view, served_by, start_dispatcher,  # noqa: F401
-                                                start_gpus, wait_for_gpus)
-from tests.support import wait_until
+from gpu_dispatch.contract import DISPATCH_QUEUE
+from tests.integration.dispatch_support import (FAST_DISPATCHER, central_mode, producer_view,  # noqa: F401
+                                                served_by, start_dispatcher, start_gpus, wait_for_gpus)
+from tests.support import LOG_DIR, PYTHON, CeleryProcess, wait_until
 
 #: Slow enough simulated inference that queues build up behind each GPU (ms per token).
 SLOW_GPU = {"GPU_DISPATCH_SIM_MS_PER_TOKEN": "2"}
@@ -108,6 +115,86 @@ def test_nacos_stopped_and_restarted_under_load_loses_nothing(
 
 
 def _unacked_of(broker: redis.Redis, queue: str) -> int:
-    import json
-
     return sum(1 for raw in broker.hvals("unacked") if json.loads(raw)[2] == queue)
+
+
+#: A dispatcher whose requests wait (no GPU) in short no-GPU retries and whose stalled dispatches are quickly seen.
+WAITING_DISPATCHER = {"GPU_DISPATCH_NO_GPU_WAIT": "120", "GPU_DISPATCH_NO_GPU_BACKOFF": "1",
+                      "GPU_DISPATCH_NO_GPU_BACKOFF_MAX": "2", "GPU_DISPATCH_DISPATCH_STALL_SECONDS": "2"}
+
+
+def test_sigkill_of_the_dispatcher_mid_dispatch_loses_nothing_and_runs_nothing_twice(
+        service_name, celery_processes, central_mode):
+    broker = redis.Redis.from_url(app.conf.broker_url)
+    first = start_dispatcher(service_name, celery_processes, WAITING_DISPATCHER)
+    # No GPU yet: every request waits inside the first dispatcher, as a retry message it holds
+    # unacknowledged until its ETA.
+    pending = [dispatch_inference.delay(f"held by the dispatcher {n}", max_tokens=4) for n in range(20)]
+    wait_until(lambda: broker.llen(DISPATCH_QUEUE) == 0 and _unacked_of(broker, DISPATCH_QUEUE) == 20, 20,
+               "the first dispatcher to hold every request")
+    second = CeleryProcess([PYTHON, "-m", "celery", "-A", "gpu_dispatch", "worker", "-Q", DISPATCH_QUEUE,
+                            "--pool", "threads", "--concurrency", "4", "-n", f"second-{first.node}",
+                            "--without-gossip", "--without-mingle", "--loglevel", "info"],
+                           f"second-dispatcher-{service_name}",
+                           {"GPU_DISPATCH_NACOS_SERVICE": service_name, **FAST_DISPATCHER, **WAITING_DISPATCHER})
+    celery_processes.append(second)
+    wait_until(lambda: app.control.ping([f"second-{first.node}"], timeout=0.5), 60, "the second dispatcher")
+
+    killed_at = time.monotonic()
+    first.stop(signal.SIGKILL)
+    wait_until(lambda: _unacked_of(broker, DISPATCH_QUEUE) < 20 or broker.llen(DISPATCH_QUEUE), 30,
+               "the dead dispatcher's messages to be put back")
+    back_after = time.monotonic() - killed_at
+    start_gpus(service_name, celery_processes, ["idle"])
+    results = [r.get(timeout=60) for r in pending]
+    all_done_after = time.monotonic() - killed_at
+
+    print(f"\nSIGKILL of a dispatcher holding 20 requests: the first put back {back_after:.2f} s after it "
+          f"(GPU_DISPATCH_DISPATCH_STALL_SECONDS=2, no-GPU retries of ≤ 2 s; kombu alone: "
+          f"{app.conf.broker_transport_options['visibility_timeout']} s); all 20 results "
+          f"{all_done_after:.2f} s after it (a GPU worker started meanwhile)")
+    assert [r["task_id"] for r in results] == [p.id for p in pending]
+    assert all(dispatch_inference.AsyncResult(p.id).state == "SUCCESS" for p in pending)
+    received = collections.Counter(re.findall(r"Task run_inference\[([0-9a-f-]+)\] received",
+                                              (LOG_DIR / f"gpu0-{service_name}.log").read_text()))
+    assert set(received) == {p.id for p in pending} and set(received.values()) == {1}, received
+    assert back_after < 15
+
+
+def test_a_dead_dispatchers_message_is_put_back_unless_its_run_inference_was_already_sent(service_name):
+    """The rescue's decision on a stalled dispatch message, on entries written by hand (no worker runs)."""
+    broker = redis.Redis.from_url(app.conf.broker_url)
+    gpu_queue = f"gpu.{service_name}.8000"
+    sent, held = uuid(), uuid()
+    app.send_task("run_inference", args=("sent",), task_id=sent, queue=gpu_queue)  # published, then died
+    tags = {}
+    for task_id in (sent, held):
+        tag = tags[task_id] = f"test-{task_id}"
+        payload = {"body": "", "headers": {"id": task_id, "task": "dispatch_inference", "eta": None},
+                   "properties": {"delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": "dispatch"}},
+                   "content-type": "application/json", "content-encoding": "utf-8"}
+        broker.hset("unacked", tag, json.dumps([payload, "", DISPATCH_QUEUE]))
+        broker.zadd("unacked_index", {tag: time.time() - 60})
+    rescue = OrphanRescue(app, _NoView())
+    try:
+        rescue.sweep()
+        put_back = [json.loads(raw) for raw in broker.lrange(DISPATCH_QUEUE, 0, -1)]
+        assert [m["headers"]["id"] for m in put_back if m["headers"]["id"] in (sent, held)] == [held]
+        assert put_back[-1]["headers"]["redelivered"] is True
+        assert not broker.hexists("unacked", tags[sent]) and not broker.hexists("unacked", tags[held])
+        assert broker.llen(gpu_queue) == 1  # the run_inference already sent is left to run, once
+    finally:
+        for raw in broker.lrange(DISPATCH_QUEUE, 0, -1):
+            if json.loads(raw)["headers"]["id"] in (sent, held):
+                broker.lrem(DISPATCH_QUEUE, 0, raw)
+        broker.delete(gpu_queue)
+        broker.hdel("unacked", *tags.values())
+        broker.zrem("unacked_index", *tags.values())
+        rescue.broker.close()
+
+
+class _NoView:
+    """A registry view that has not heard from Nacos: the GPU-queue part of the sweep does nothing."""
+
+    def heard_within(self, seconds: float) -> bool:
+        return False
