@@ -171,9 +171,10 @@ sim_seed = _declare(
 sim_ms_per_token = _declare(
     "GPU_DISPATCH_SIM_MS_PER_TOKEN", 2.0, "milliseconds",
     "simulated decode time per token on an idle GPU (slower as the GPU fills)", _positive(float))
-sim_request_memory_mb = _declare(
-    "GPU_DISPATCH_SIM_REQUEST_MEMORY_MB", 2048, "MiB",
-    "memory a simulated request holds while it runs, unless the request says memory_mb", _positive(int))
+request_memory_mb = _declare(
+    "GPU_DISPATCH_REQUEST_MEMORY_MB", 2048, "MiB",
+    "GPU memory a request is taken to need when it does not say memory_mb: dispatchers skip GPUs it would "
+    "not fit on, and a simulated GPU holds it while the request runs", _positive(int))
 
 # Celery settings that follow from the ones above.  acks_late + reject_on_worker_lost:
 # a request whose worker dies mid-task goes back to the broker instead of vanishing.

@@ -55,9 +55,10 @@ def check_prompt(prompt: Any, max_prompt_bytes: int) -> None:
                                  "(GPU_DISPATCH_MAX_PROMPT_BYTES)")
 
 
-def scoring_request(options: Mapping[str, Any]) -> Request:
+def scoring_request(options: Mapping[str, Any], default_memory_mb: float = 0.0) -> Request:
     """The scoring :class:`~scoring.Request` for a call's options; refuses unusable ``model``,
-    ``max_tokens`` and ``memory_mb``."""
+    ``max_tokens`` and ``memory_mb``.  A call that does not say ``memory_mb`` is taken to need
+    ``default_memory_mb`` (``GPU_DISPATCH_REQUEST_MEMORY_MB``)."""
     model = options.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise InvalidRequest(f"model must be a model name (a non-empty str) or None for any, not {model!r}")
@@ -70,7 +71,7 @@ def scoring_request(options: Mapping[str, Any]) -> Request:
                                   or not math.isfinite(memory_mb) or memory_mb < 0):
         raise InvalidRequest(f"memory_mb must be the request's estimated GPU memory in MB (a number ≥ 0) "
                              f"or None, not {memory_mb!r}")
-    return Request(model=model, memory_mb=float(memory_mb or 0.0))
+    return Request(model=model, memory_mb=float(default_memory_mb if memory_mb is None else memory_mb))
 
 
 def _bytes(n: int) -> str:

@@ -285,7 +285,7 @@ class OrphanRescue:
             raw = self.broker.lindex(queue, -1)
             if raw is None:
                 break
-            payload, request, task_id = _read(raw)
+            payload, request, task_id = _read(raw, self.app.conf.request_memory_mb)
             try:
                 decision = self.view.choose(request, task_id, path="rescue")
             except NoEligibleGpu as exc:
@@ -338,7 +338,7 @@ def _task_id(raw: bytes) -> str | None:
         return None
 
 
-def _read(raw: bytes) -> tuple[dict | None, Request, str]:
+def _read(raw: bytes, default_memory_mb: float) -> tuple[dict | None, Request, str]:
     """A kombu message's payload, the scoring request of the run_inference it carries, and its task id.
 
     A message this code cannot read is still moved, unchanged, to a GPU that
@@ -354,6 +354,6 @@ def _read(raw: bytes) -> tuple[dict | None, Request, str]:
         if (payload.get("properties") or {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         _args, kwargs, _embed = json.loads(body)
-        return payload, scoring_request(kwargs), task_id
+        return payload, scoring_request(kwargs, default_memory_mb), task_id
     except (ValueError, TypeError, KeyError, ScoringError):
         return None, Request(), "?"

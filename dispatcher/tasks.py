@@ -112,7 +112,8 @@ class DispatchTask(Task):
         prompt, inference_options = _split(args, kwargs)
         task_id = task_id or uuid()
         try:
-            decision = view.choose(scoring_request(inference_options), task_id, path="producer")
+            decision = view.choose(scoring_request(inference_options, self.app.conf.request_memory_mb), task_id,
+                                   path="producer")
         except NoEligibleGpu as exc:
             metrics.HANDED_TO_CENTRAL.labels("no eligible GPU").inc()
             log.info("task %s: %s; it waits for a GPU on the dispatch queue", task_id, exc)
@@ -189,7 +190,7 @@ def dispatch_inference(self: DispatchTask, prompt: str, **options: Any) -> Any:
     """
     inference_options = {k: v for k, v in options.items() if v is not None}
     view = views.current_view(self.app)
-    request = scoring_request(inference_options)
+    request = scoring_request(inference_options, self.app.conf.request_memory_mb)
     try:
         if view is None:
             raise NoEligibleGpu({}, f"{request.describe()}; Nacos at {self.app.conf.nacos_server_addresses} "

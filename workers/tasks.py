@@ -47,7 +47,7 @@ def run_inference(self: Task, prompt: str, **options: Any) -> dict:
 
     Recognised options: ``max_tokens`` (default 32), ``memory_mb`` (memory the
     request holds while running; the simulated backend's default is
-    ``GPU_DISPATCH_SIM_REQUEST_MEMORY_MB``), ``model`` (must be the model this
+    ``GPU_DISPATCH_REQUEST_MEMORY_MB``), ``model`` (must be the model this
     worker serves).  Other options go to the backend unchanged.
 
     Acknowledged late and rejected (re-queued) if the worker is lost mid-task,
@@ -59,7 +59,7 @@ def run_inference(self: Task, prompt: str, **options: Any) -> dict:
         raise ModelMismatch(f"this GPU worker ({worker.queue}) serves {worker.conf.model_name!r}, "
                             f"not {model!r}")
     max_tokens = int(options.pop("max_tokens", None) or DEFAULT_MAX_TOKENS)
-    memory_mb = int(options.pop("memory_mb", None) or worker.conf.sim_request_memory_mb)
+    memory_mb = int(options.pop("memory_mb", None) or worker.conf.request_memory_mb)
     started = time.time()
     with worker.inflight.hold(memory_mb):
         text, usage = worker.backend.complete(prompt, max_tokens=max_tokens, **options)

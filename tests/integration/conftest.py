@@ -29,6 +29,10 @@ def servers():
             started.append(server)
         yield redis_server, nacos_server
     finally:
+        # The test process's result consumer would otherwise try to reconnect to the stopped Redis.
+        from gpu_dispatch.celery import app
+
+        app.backend.result_consumer.stop()
         for server in reversed(started):
             print(server.stop())
 

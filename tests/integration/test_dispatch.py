@@ -22,7 +22,7 @@ def test_the_producer_path_returns_the_inference_result_on_the_callers_async_res
     assert answer["text"] and answer["usage"]["completion_tokens"] == 4
 
 
-def test_the_central_path_hands_over_with_replace_and_the_callers_result_is_the_inference(
+def test_the_central_path_forwards_to_a_gpu_and_the_callers_result_is_the_inference(
         service_name, celery_processes, central_mode):
     start_gpus(service_name, celery_processes, ["idle"])
     start_dispatcher(service_name, celery_processes)

@@ -42,7 +42,9 @@ def test_sigkill_of_a_gpu_worker_under_load_loses_nothing_and_its_orphans_are_re
 
     monkeypatch.setattr(producer_view, "choose", choose_and_note)
 
-    pending = [dispatch_inference.delay(f"load {n}", max_tokens=20) for n in range(150)]
+    # Light requests (memory_mb=0): at the default estimate, 150 at once would not all fit in the GPUs'
+    # free memory before their next reading, and the rest would wait for it on the central path.
+    pending = [dispatch_inference.delay(f"load {n}", max_tokens=20, memory_mb=0) for n in range(150)]
     wait_until(lambda: broker.llen(victim) > 5, 10, "a backlog in the victim's queue")
     killed_at = time.monotonic()
     workers[0].stop(signal.SIGKILL)

@@ -62,3 +62,8 @@ def test_no_gpu_available_is_a_no_eligible_gpu_rebuilt_from_its_message_alone():
     rebuilt = type(error)(*error.args)
     assert isinstance(rebuilt, NoEligibleGpu)
     assert str(rebuilt) == str(error) and error.reasons == {"a": "stale"}
+
+
+def test_a_request_that_does_not_say_memory_mb_is_taken_to_need_the_configured_default():
+    assert scoring_request({}, default_memory_mb=2048) == Request(None, 2048.0)
+    assert scoring_request({"memory_mb": 0}, default_memory_mb=2048) == Request(None, 0.0)
