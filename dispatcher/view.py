@@ -37,7 +37,7 @@ import redis
 
 from dispatcher import metrics
 from gpu_dispatch.contract import gpu_queue
-from gpu_dispatch.registry import Instance, Registry, RegistryError
+from gpu_dispatch.registry import Instance, Registry
 from scoring import (Candidate, Decision, Fresh, GpuState, MalformedMetadata, NoEligibleGpu, Profile, Request,
                      choose, get_profile, parse_instance)
 

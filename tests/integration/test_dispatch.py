@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 from dispatcher import dispatch_inference
-from tests.integration.dispatch_support import (central_mode, producer_view, served_by, start_dispatcher,  # noqa: F401
-                                                start_gpus, wait_for_gpus)
+from tests.integration.dispatch_support import start_dispatcher, start_gpus, wait_for_gpus
 
 
 def test_the_producer_path_returns_the_inference_result_on_the_callers_async_result(

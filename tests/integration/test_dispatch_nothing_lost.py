@@ -17,8 +17,7 @@ from dispatcher import dispatch_inference
 from dispatcher.rescue import OrphanRescue
 from gpu_dispatch.celery import app
 from gpu_dispatch.contract import DISPATCH_QUEUE
-from tests.integration.dispatch_support import (FAST_DISPATCHER, central_mode, producer_view,  # noqa: F401
-                                                served_by, start_dispatcher, start_gpus, wait_for_gpus)
+from tests.integration.dispatch_support import FAST_DISPATCHER, served_by, start_dispatcher, start_gpus, wait_for_gpus
 from tests.support import LOG_DIR, PYTHON, CeleryProcess, wait_until
 
 #: Slow enough simulated inference that queues build up behind each GPU (ms per token).

@@ -10,9 +10,8 @@ import pytest
 from dispatcher import InvalidRequest, NoGpuAvailable, dispatch_inference
 from gpu_dispatch.celery import app
 from scoring import NoEligibleGpu
-from tests.integration.dispatch_support import (central_mode, make_view, producer_view, served_by,  # noqa: F401
-                                                start_dispatcher, start_gpus, wait_for_gpus)
-from tests.support import start_beat, start_gpu_worker, wait_until
+from tests.integration.dispatch_support import make_view, served_by, start_dispatcher, start_gpus, wait_for_gpus
+from tests.support import wait_until
 
 #: The seed article's worked example: free memory of three GPUs (MB), all idle, nothing running.
 SEED_FREE_MB = (10000, 5000, 2000)

@@ -11,7 +11,7 @@ import urllib.request
 from dispatcher import dispatch_inference
 from gpu_dispatch.celery import app
 from gpu_dispatch.processes import flower_argv, flower_env
-from tests.integration.dispatch_support import FAST_GPU, central_mode, producer_view, start_dispatcher  # noqa: F401
+from tests.integration.dispatch_support import FAST_GPU, start_dispatcher
 from tests.support import PYTHON, spawn, start_beat, start_gpu_worker, stop, wait_until
 
 STATUS_FIELDS = {"host", "gpu", "name", "queue", "free_mb", "total_mb", "util", "in_flight", "queue_depth",
