@@ -24,6 +24,7 @@ busy (see ``docs/architecture.md``, "Keeping metadata fresh"):
 from __future__ import annotations
 
 import logging
+import os
 
 from celery import bootsteps
 from celery.concurrency.thread import TaskPool as ThreadTaskPool
@@ -60,6 +61,10 @@ class GpuWorkerStep(bootsteps.Step):
             raise ImproperlyConfigured(
                 f"a GPU worker must run with --pool threads (or solo), not {pool}: a forked pool would copy "
                 "the CUDA context and the Nacos connection into its children, which neither survives")
+        # Pin the process to its card before any backend can initialise CUDA (NVML's indices are
+        # physical, so reading the GPU is unaffected); an operator's own setting wins.
+        if not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
         gpu_worker = runtime.GpuWorker(worker.app.conf, gpu, worker.hostname, worker.concurrency)
         runtime.install(gpu_worker)
         if queues:  # the operator named queues with -Q: consume ours as well

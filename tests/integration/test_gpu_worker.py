@@ -67,6 +67,16 @@ def test_two_workers_register_complete_metadata_under_the_size_limit_even_with_a
     assert found[8000]["worker"] == long_node
 
 
+def test_a_gpu_worker_pins_itself_to_its_gpu_with_cuda_visible_devices(service_name, celery_processes):
+    backend = {"GPU_DISPATCH_BACKEND": "python", "CUDA_VISIBLE_DEVICES": "",
+               "GPU_DISPATCH_PYTHON_CALLABLE": "tests.unit.sample_model:visible_devices"}
+    celery_processes.append(start_gpu_worker(app, 3, service_name, env=backend))
+
+    answer = send_inference("gpu.127.0.0.1.8003", "which devices?").get(timeout=30)
+
+    assert answer["text"] == "3"
+
+
 def test_a_change_of_the_simulated_tenants_load_shows_in_nacos_within_two_refresh_intervals(
         make_registry, service_name, celery_processes):
     worker = start_gpu_worker(app, 0, service_name, env={**FAST, "GPU_DISPATCH_SIM_TENANTS": "idle"})
