@@ -95,7 +95,7 @@ def test_nacos_stopped_and_restarted_under_load_loses_nothing(
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        time.sleep(1)
+        wait_until(lambda: len(pending) >= 20, 10, "requests flowing before the outage")
         print(f"\n{nacos_server.stop()}")
         time.sleep(4)  # dispatch goes on from the last view meanwhile
         sent_during_outage = len(pending)

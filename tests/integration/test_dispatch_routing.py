@@ -132,7 +132,7 @@ def test_with_no_gpu_registered_the_result_fails_with_a_typed_error_after_the_bo
         service_name, celery_processes, producer_view):
     start_dispatcher(service_name, celery_processes, {"GPU_DISPATCH_NO_GPU_WAIT": "2",
                                                       "GPU_DISPATCH_NO_GPU_BACKOFF": "0.2"})
-    time.sleep(1.5)  # the view has listed the (empty) service
+    wait_until(lambda: producer_view.heard_within(5.0), 10, "the view's first list of the (empty) service")
 
     started = time.monotonic()
     result = dispatch_inference.delay("anyone there?")
@@ -162,8 +162,7 @@ def test_an_unknown_model_fails_with_the_reason_each_gpu_was_dropped(
 def test_a_gpu_registering_during_the_wait_takes_the_request(service_name, celery_processes, central_mode):
     start_dispatcher(service_name, celery_processes, {"GPU_DISPATCH_NO_GPU_WAIT": "60"})
     result = dispatch_inference.delay("wait for me", max_tokens=2)
-    time.sleep(2)
-    assert result.state in ("PENDING", "RETRY")
+    wait_until(lambda: result.state == "RETRY", 10, "the request to be waiting for a GPU (state RETRY)")
 
     start_gpus(service_name, celery_processes, ["idle"])
 
