@@ -31,13 +31,14 @@ import os
 import random
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import redis
 
 from dispatcher import metrics
 from gpu_dispatch.contract import gpu_queue
 from gpu_dispatch.registry import Instance, Registry
+from gpu_dispatch.settings import getter
 from scoring import (Candidate, Decision, Fresh, GpuState, MalformedMetadata, NoEligibleGpu, Profile, Request,
                      choose, get_profile, parse_instance)
 
@@ -45,10 +46,6 @@ log = logging.getLogger(__name__)
 
 #: Longest wait between two attempts to connect to Nacos, seconds.
 CONNECT_BACKOFF_MAX = 5.0
-
-
-def _getter(conf: Any) -> Callable[[str], Any]:
-    return conf.get if isinstance(conf, Mapping) else lambda name: getattr(conf, name)
 
 
 def build_profile(name: str, max_reading_age_s: float) -> Profile:
@@ -99,15 +96,8 @@ class RegistryView:
     @classmethod
     def from_config(cls, conf: Any, **overrides: Any) -> "RegistryView":
         """A view built from the settings (``app.conf``, or a mapping of them); ``overrides`` replace settings."""
-        base = _getter(conf)
-
-        def get(name: str) -> Any:
-            return overrides[name] if name in overrides else base(name)
-
-        registry_conf = {name: get(name) for name in (
-            "nacos_server_addresses", "nacos_service", "nacos_namespace", "nacos_group", "nacos_username",
-            "nacos_password", "nacos_timeout", "home")}
-        return cls(registry_factory=lambda: Registry.from_config(registry_conf),
+        get = getter(conf, **overrides)
+        return cls(registry_factory=lambda: Registry.from_config(conf, **overrides),
                    broker=redis.Redis.from_url(get("broker_url")),
                    profile=build_profile(get("dispatch_profile"), get("max_reading_age")),
                    reconcile_interval=get("reconcile_interval"),

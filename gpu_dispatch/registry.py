@@ -32,6 +32,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
+from gpu_dispatch.settings import getter
 from v2.nacos import (ClientConfigBuilder, DeregisterInstanceParam, ListInstanceParam, NacosException,
                       NacosNamingService, RegisterInstanceParam, SubscribeServiceParam)
 
@@ -110,9 +111,10 @@ class Registry:
             raise
 
     @classmethod
-    def from_config(cls, conf: Any) -> "Registry":
-        """Build a registry from the settings in ``celeryconfig`` (or a Celery ``app.conf``)."""
-        get = conf.get if isinstance(conf, Mapping) else lambda name: getattr(conf, name)
+    def from_config(cls, conf: Any, **overrides: Any) -> "Registry":
+        """Build a registry from the settings in ``celeryconfig`` (or a Celery ``app.conf``);
+        ``overrides`` replace settings by name, e.g. ``nacos_service="other"``."""
+        get = getter(conf, **overrides)
         return cls(server_addresses=get("nacos_server_addresses"), service=get("nacos_service"),
                    namespace=get("nacos_namespace"), group=get("nacos_group"),
                    username=get("nacos_username"), password=get("nacos_password"),
@@ -191,7 +193,8 @@ class Registry:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
-            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT) if tasks else None
+            if tasks:
+                await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
 
         if self._loop.is_running():
             try:

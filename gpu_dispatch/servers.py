@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from gpu_dispatch.settings import getter
+
 #: Nacos server release we build and run (``com.pig4cloud.nacos:nacos-naming`` / ``nacos-config`` on
 #: Maven Central); pinned in ``nacos-server/pom.xml`` too.
 NACOS_VERSION = "2.0.4.RELEASE"
@@ -382,11 +384,11 @@ def _apt_install(packages: list[str], otherwise: str) -> None:
                               f"package mirror is reachable, or {otherwise}")
 
 
-def local_servers(conf: object, home: str | None = None) -> tuple[RedisServer, NacosServer]:
+def local_servers(conf: object) -> tuple[RedisServer, NacosServer]:
     """The Redis and Nacos servers named by the settings (``celeryconfig`` or ``app.conf``)."""
-    get = (lambda n: conf[n]) if isinstance(conf, dict) else (lambda n: getattr(conf, n))
-    base = home or get("home")
-    return RedisServer.from_url(get("broker_url"), base), NacosServer.from_addresses(get("nacos_server_addresses"), base)
+    get = getter(conf)
+    return (RedisServer.from_url(get("broker_url"), get("home")),
+            NacosServer.from_addresses(get("nacos_server_addresses"), get("home")))
 
 
 def _alive(pid: int) -> bool:

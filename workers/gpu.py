@@ -18,8 +18,9 @@ import random
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,14 @@ class InFlight:
         self._count = 0
         self._memory_mb = 0
 
-    def hold(self, memory_mb: int) -> "_Held":
+    @contextmanager
+    def hold(self, memory_mb: int) -> Iterator[None]:
         """``with inflight.hold(mb):`` counts one request holding ``mb`` MiB for the block's duration."""
-        return _Held(self, memory_mb)
+        self._add(1, memory_mb)
+        try:
+            yield
+        finally:
+            self._add(-1, -memory_mb)
 
     @property
     def count(self) -> int:
@@ -76,18 +82,6 @@ class InFlight:
         with self._lock:
             self._count += count
             self._memory_mb += memory_mb
-
-
-class _Held:
-    def __init__(self, inflight: InFlight, memory_mb: int) -> None:
-        self.inflight, self.memory_mb = inflight, memory_mb
-
-    def __enter__(self) -> "_Held":
-        self.inflight._add(1, self.memory_mb)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.inflight._add(-1, -self.memory_mb)
 
 
 # --- NVML ----------------------------------------------------------------------

@@ -51,9 +51,7 @@ def make_registry(service_name):
     made: list[Registry] = []
 
     def make(service: str | None = None) -> Registry:
-        conf = {name: getattr(celeryconfig, name) for name in dir(celeryconfig) if not name.startswith("_")}
-        conf["nacos_service"] = service or service_name
-        registry = Registry.from_config(conf)
+        registry = Registry.from_config(celeryconfig, nacos_service=service or service_name)
         made.append(registry)
         return registry
 

@@ -11,9 +11,7 @@ import celeryconfig
 from gpu_dispatch.registry import Registry
 
 service, ip, port, *pairs = sys.argv[1:]
-conf = {name: getattr(celeryconfig, name) for name in dir(celeryconfig) if not name.startswith("_")}
-conf["nacos_service"] = service
-registry = Registry.from_config(conf)
+registry = Registry.from_config(celeryconfig, nacos_service=service)
 registry.register(ip, int(port), dict(pair.split("=", 1) for pair in pairs))
 print("registered", flush=True)
 signal.pause()
