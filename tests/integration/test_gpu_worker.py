@@ -100,8 +100,9 @@ def test_metadata_stays_fresh_while_every_inference_slot_is_busy(make_registry, 
     _, watcher, queue = start_registered(make_registry, service_name, celery_processes,
                                          env={"GPU_DISPATCH_SIM_MS_PER_TOKEN": "10"})
 
-    # 2 slots, 6 requests of ~1.5-4.5 s each: both slots stay busy for the whole check.
-    results = [send_inference(queue, max_tokens=150) for _ in range(6)]
+    # 2 slots, 2 requests of at least 15 s each (1500 tokens at 10 ms, slower under load): both slots
+    # stay busy for the whole check, with no hand-over between requests where a slot could read idle.
+    results = [send_inference(queue, max_tokens=1500) for _ in range(2)]
     wait_until(lambda: instances_by_port(watcher)[8000]["concurrent_requests"] == "2", 10, "both slots busy")
 
     ages = []
@@ -114,7 +115,7 @@ def test_metadata_stays_fresh_while_every_inference_slot_is_busy(make_registry, 
     print(f"\nreading age while all slots busy: max {max(ages):.2f} s over {len(ages)} looks")
     assert max(ages) <= 2 * INTERVAL
     for result in results:
-        result.get(timeout=60)
+        result.get(timeout=90)
 
 
 def test_concurrent_requests_matches_the_requests_really_in_flight(make_registry, service_name,
