@@ -12,6 +12,9 @@ methods, each bounded by a timeout.  Facts of the SDK this class relies on
 - one connection holds one instance per service: a process serving several
   GPUs needs one :class:`Registry` per GPU;
 - ``update`` re-registers and replaces the whole metadata map;
+- the SDK's ``list_instances`` reads its subscription cache once the service
+  is subscribed (and subscribes as a side effect); :meth:`Registry.list_instances`
+  queries the server instead, so a failed list means Nacos did not answer;
 - pushes of an empty instance list are dropped unless
   ``update_cache_when_empty`` is set — we set it, because "the last GPU is
   gone" is exactly what the dispatcher must hear;
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
 from gpu_dispatch.settings import getter
-from v2.nacos import (ClientConfigBuilder, DeregisterInstanceParam, ListInstanceParam, NacosException,
+from v2.nacos import (ClientConfigBuilder, DeregisterInstanceParam, NacosException,
                       NacosNamingService, RegisterInstanceParam, SubscribeServiceParam)
 
 log = logging.getLogger(__name__)
@@ -141,10 +144,18 @@ class Registry:
         self._call(self._client.deregister_instance(param), what=f"deregister {ip}:{port}")
 
     def list_instances(self, healthy_only: bool = True) -> list[Instance]:
-        """Instances of the service as the server reports them now."""
-        param = ListInstanceParam(service_name=self.service, group_name=self.group, subscribe=False,
-                                  healthy_only=True if healthy_only else None)
-        return [_convert(i) for i in self._call(self._client.list_instances(param), what="list instances")]
+        """Instances of the service as the server reports them now.
+
+        Asked of the server every time (a ``ServiceQueryRequest``): the SDK's own
+        ``list_instances`` answers from its subscription cache once subscribed,
+        even while the server is down, so it cannot tell a fresh list from a
+        stale one.  Raises :class:`RegistryError` when the server does not answer.
+        """
+        query = self._client.grpc_client_proxy.query_instance_of_service(self.service, self.group, "",
+                                                                         healthy_only)
+        service = self._call(query, what="list instances")
+        return [_convert(i) for i in (service.hosts if service is not None else None) or []
+                if i.enabled or not healthy_only]
 
     def subscribe(self, callback: Callback) -> None:
         """Call ``callback(instances)`` on every change the server pushes, an empty list included.
@@ -161,10 +172,6 @@ class Registry:
         param = SubscribeServiceParam(service_name=self.service, group_name=self.group,
                                       subscribe_callback=on_change)
         self._call(self._client.subscribe(param), what=f"subscribe to {self.service}")
-
-    def server_healthy(self) -> bool:
-        """Whether the client's gRPC connection to the server is up right now."""
-        return bool(self._call(self._client.server_health(), what="health check"))
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -17,7 +17,8 @@ from dispatcher import dispatch_inference
 from dispatcher.rescue import OrphanRescue
 from gpu_dispatch.celery import app
 from gpu_dispatch.contract import DISPATCH_QUEUE
-from tests.integration.dispatch_support import FAST_DISPATCHER, served_by, start_dispatcher, start_gpus, wait_for_gpus
+from tests.integration.dispatch_support import (FAST_DISPATCHER, make_view, served_by, start_dispatcher, start_gpus,
+                                               wait_for_gpus)
 from tests.support import LOG_DIR, PYTHON, CeleryProcess, wait_until
 
 #: Slow enough simulated inference that queues build up behind each GPU (ms per token).
@@ -97,14 +98,17 @@ def test_nacos_stopped_and_restarted_under_load_loses_nothing(
     try:
         wait_until(lambda: len(pending) >= 20, 10, "requests flowing before the outage")
         print(f"\n{nacos_server.stop()}")
-        time.sleep(4)  # dispatch goes on from the last view meanwhile
-        sent_during_outage = len(pending)
-    finally:
-        print(nacos_server.start(timeout=120))
-    try:
+        try:
+            wait_until(lambda: not producer_view.heard_within(2.0), 15, "the dispatcher's view to miss Nacos")
+            mark = len(pending)
+            wait_until(lambda: len(pending) >= mark + 50, 15, "dispatch to go on from the last view without Nacos")
+            sent_during_outage = len(pending)
+        finally:
+            print(nacos_server.start(timeout=120))
         wait_until(lambda: producer_view.heard_within(1.0) and len(producer_view.candidates()) == 2, 60,
                    "both GPUs back in the dispatcher's view")
-        time.sleep(1)
+        mark = len(pending)
+        wait_until(lambda: len(pending) >= mark + 20, 15, "dispatch to go on after Nacos returned")
     finally:
         stop.set()
         sender.join()
@@ -162,10 +166,14 @@ def test_sigkill_of_the_dispatcher_mid_dispatch_loses_nothing_and_runs_nothing_t
     assert back_after < 15
 
 
-def test_a_dead_dispatchers_message_is_put_back_unless_its_run_inference_was_already_sent(service_name):
+def test_a_dead_dispatchers_message_is_put_back_unless_its_run_inference_was_already_sent(
+        service_name, make_registry):
     """The rescue's decision on a stalled dispatch message, on entries written by hand (no worker runs)."""
     broker = redis.Redis.from_url(app.conf.broker_url)
     gpu_queue = f"gpu.{service_name}.8000"
+    # The GPU of that queue is registered, so the GPU-queue part of the sweep must leave its message alone.
+    make_registry().register("127.0.0.1", 8000, {"queue": gpu_queue})
+    view = make_view(service_name)
     sent, held = uuid(), uuid()
     app.send_task("run_inference", args=("sent",), task_id=sent, queue=gpu_queue)  # published, then died
     tags = {}
@@ -176,8 +184,9 @@ def test_a_dead_dispatchers_message_is_put_back_unless_its_run_inference_was_alr
                    "content-type": "application/json", "content-encoding": "utf-8"}
         broker.hset("unacked", tag, json.dumps([payload, "", DISPATCH_QUEUE]))
         broker.zadd("unacked_index", {tag: time.time() - 60})
-    rescue = OrphanRescue(app, _NoView())
+    rescue = OrphanRescue(app, view)
     try:
+        wait_until(lambda: gpu_queue in view.present_queues(), 10, "the GPU's queue in the dispatcher's view")
         rescue.sweep()
         put_back = [json.loads(raw) for raw in broker.lrange(DISPATCH_QUEUE, 0, -1)]
         assert [m["headers"]["id"] for m in put_back if m["headers"]["id"] in (sent, held)] == [held]
@@ -192,10 +201,4 @@ def test_a_dead_dispatchers_message_is_put_back_unless_its_run_inference_was_alr
         broker.hdel("unacked", *tags.values())
         broker.zrem("unacked_index", *tags.values())
         rescue.broker.close()
-
-
-class _NoView:
-    """A registry view that has not heard from Nacos: the GPU-queue part of the sweep does nothing."""
-
-    def heard_within(self, seconds: float) -> bool:
-        return False
+        view.close()
