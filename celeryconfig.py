@@ -22,6 +22,7 @@ from typing import Any, Callable
 from kombu import Exchange
 
 from gpu_dispatch import contract
+from workers.gpu import TENANT_PROFILES  # standard library only
 
 
 class SettingError(ValueError):
@@ -163,9 +164,9 @@ python_callable = _declare(
 sim_memory_mb = _declare(
     "GPU_DISPATCH_SIM_MEMORY_MB", 81920, "MiB", "total memory of a simulated GPU", _positive(int))
 sim_tenants = _declare(
-    "GPU_DISPATCH_SIM_TENANTS", "idle", "idle|steady|bursty|nearly-full",
+    "GPU_DISPATCH_SIM_TENANTS", "idle", "|".join(TENANT_PROFILES),
     "load other tenants put on a simulated GPU",
-    lambda raw: _choice(raw, {"idle", "steady", "bursty", "nearly-full"}))
+    lambda raw: _choice(raw, set(TENANT_PROFILES)))
 sim_seed = _declare(
     "GPU_DISPATCH_SIM_SEED", 0, "integer", "seed of the simulated tenants' load (reproducible runs)", int)
 sim_ms_per_token = _declare(

@@ -14,16 +14,14 @@ from typing import Any, Mapping
 from dispatcher.errors import InvalidRequest
 from scoring import Request
 
-#: Options dispatch_inference reads itself; every other option goes to the backend unchanged.
-KNOWN_OPTIONS = ("model", "max_tokens", "memory_mb")
-
-
-def check(args: tuple | list | None, kwargs: Mapping[str, Any] | None, max_prompt_bytes: int) -> None:
-    """Refuse a call whose prompt or options cannot be sent.
+def check(args: tuple | list | None, kwargs: Mapping[str, Any] | None, max_prompt_bytes: int,
+          default_memory_mb: float = 0.0) -> Request:
+    """Refuse a call whose prompt or options cannot be sent; return what the scoring places.
 
     :param args: the positional arguments given to ``dispatch_inference``: ``(prompt,)``.
     :param kwargs: its keyword arguments (``prompt`` may be one of them).
     :param max_prompt_bytes: the limit, bytes of UTF-8 (``GPU_DISPATCH_MAX_PROMPT_BYTES``).
+    :param default_memory_mb: see :func:`scoring_request`.
     :raises InvalidRequest: saying what is wrong.
     """
     args = tuple(args or ())
@@ -36,7 +34,7 @@ def check(args: tuple | list | None, kwargs: Mapping[str, Any] | None, max_promp
     if not args and "prompt" not in kwargs:
         raise InvalidRequest("dispatch_inference needs a prompt: dispatch_inference.delay('your prompt')")
     check_prompt(args[0] if args else kwargs["prompt"], max_prompt_bytes)
-    scoring_request(kwargs)
+    return scoring_request(kwargs, default_memory_mb)
 
 
 def check_prompt(prompt: Any, max_prompt_bytes: int) -> None:

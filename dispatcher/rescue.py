@@ -206,7 +206,7 @@ class OrphanRescue:
         runs twice with one task id (at-least-once, as after kombu's own
         visibility-timeout restore).
         """
-        ids = {tag: str((entry[0].get("headers") or {}).get("id") or "") for tag, _raw, entry in stalled}
+        ids = {tag: _payload_id(entry[0]) for tag, _raw, entry in stalled}
         wanted = sorted({i for i in ids.values() if i})
         replies = (self.app.control.inspect(timeout=PING_TIMEOUT).query_task(*wanted) or {}) if wanted else {}
         held = {task_id for answer in replies.values() for task_id in (answer or {})}
@@ -246,10 +246,8 @@ class OrphanRescue:
                 payload, exchange, routing_key = json.loads(raw)
             except (ValueError, TypeError):
                 continue
-            if (routing_key or exchange) != DISPATCH_QUEUE:
-                task_id = str((payload.get("headers") or {}).get("id"))
-                if task_id in task_ids:
-                    found.add(task_id)
+            if (routing_key or exchange) != DISPATCH_QUEUE and _payload_id(payload) in task_ids:
+                found.add(_payload_id(payload))
         for task_id in task_ids - found:
             if self.app.AsyncResult(task_id).state not in (states.PENDING, states.RETRY):
                 found.add(task_id)
@@ -268,7 +266,7 @@ class OrphanRescue:
                      "its %d unacknowledged messages are left to it", queue, worker, len(entries))
             return
         for tag, raw, (payload, _exchange, _routing_key) in entries:
-            task_id = (payload.get("headers") or {}).get("id")
+            task_id = _payload_id(payload)
             done = bool(task_id) and self.app.AsyncResult(task_id).state == states.SUCCESS
             if not done:
                 _mark_redelivered(payload)
@@ -331,9 +329,14 @@ def _eta(payload: dict) -> float:
     return when.timestamp()
 
 
+def _payload_id(payload: dict) -> str:
+    """The task id in a kombu message's payload; ``""`` when it has none."""
+    return str((payload.get("headers") or {}).get("id") or "")
+
+
 def _task_id(raw: bytes) -> str | None:
     try:
-        return str((json.loads(raw).get("headers") or {}).get("id"))
+        return _payload_id(json.loads(raw))
     except (ValueError, TypeError, AttributeError):
         return None
 
@@ -347,7 +350,7 @@ def _read(raw: bytes, default_memory_mb: float) -> tuple[dict | None, Request, s
     try:
         payload = json.loads(raw)
         headers = payload.get("headers") or {}
-        task_id = str(headers.get("id", "?"))
+        task_id = _payload_id(payload) or "?"
         if headers.get("task") != INFERENCE_TASK:
             return payload, Request(), task_id
         body = payload["body"]

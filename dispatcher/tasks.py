@@ -40,6 +40,7 @@ from celery import Task
 from celery.worker.request import Request
 from celery.signals import worker_ready, worker_shutdown
 from celery.utils import uuid
+from celery.utils.time import get_exponential_backoff_interval
 from prometheus_client import start_http_server
 
 from dispatcher import metrics, view as views
@@ -92,17 +93,17 @@ class DispatchTask(Task):
     def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None, link_error=None,
                     shadow=None, **options):
         conf = self.app.conf
-        check(args, kwargs, conf.max_prompt_bytes)
+        request = check(args, kwargs, conf.max_prompt_bytes, conf.request_memory_mb)
         if link is not None or link_error is not None or any(options.get(o) is not None for o in _CANVAS_OPTIONS):
             return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
         if conf.dispatch_mode == "producer":
-            result = self._send_to_gpu(args, kwargs, task_id, producer, options)
+            result = self._send_to_gpu(args, kwargs, request, task_id, producer, options)
             if result is not None:
                 return result
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
                                    **{**options, "queue": DISPATCH_QUEUE})
 
-    def _send_to_gpu(self, args, kwargs, task_id, producer, options):
+    def _send_to_gpu(self, args, kwargs, request, task_id, producer, options):
         """Publish run_inference to the GPU this process's view picks; ``None`` to hand over to the central path."""
         view = views.current_view(self.app)
         if view is None:
@@ -112,8 +113,7 @@ class DispatchTask(Task):
         prompt, inference_options = _split(args, kwargs)
         task_id = task_id or uuid()
         try:
-            decision = view.choose(scoring_request(inference_options, self.app.conf.request_memory_mb), task_id,
-                                   path="producer")
+            decision = view.choose(request, task_id, path="producer")
         except NoEligibleGpu as exc:
             metrics.HANDED_TO_CENTRAL.labels("no eligible GPU").inc()
             log.info("task %s: %s; it waits for a GPU on the dispatch queue", task_id, exc)
@@ -170,7 +170,7 @@ def _uses_canvas(request: Any) -> bool:
 
 def backoff(retries: int, first: float, longest: float) -> float:
     """Seconds before retry number ``retries + 1``: ``first`` doubled per retry, at most ``longest``."""
-    return min(first * 2 ** min(retries, 32), longest)
+    return get_exponential_backoff_interval(first, min(retries, 32), longest)
 
 
 def waited_after(retries: int, first: float, longest: float) -> float:

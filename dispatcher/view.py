@@ -25,7 +25,6 @@ is :func:`current_view`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -39,22 +38,13 @@ from dispatcher import metrics
 from gpu_dispatch.contract import gpu_queue
 from gpu_dispatch.registry import Instance, Registry
 from gpu_dispatch.settings import getter
-from scoring import (Candidate, Decision, Fresh, GpuState, MalformedMetadata, NoEligibleGpu, Profile, Request,
+from scoring import (Candidate, Decision, GpuState, MalformedMetadata, NoEligibleGpu, Profile, Request,
                      choose, get_profile, parse_instance)
 
 log = logging.getLogger(__name__)
 
 #: Longest wait between two attempts to connect to Nacos, seconds.
 CONNECT_BACKOFF_MAX = 5.0
-
-
-def build_profile(name: str, max_reading_age_s: float) -> Profile:
-    """The scoring profile ``name`` with its freshness filter set to ``max_reading_age_s`` seconds."""
-    profile = get_profile(name)
-    if not any(isinstance(f, Fresh) for f in profile.filters):
-        return profile
-    filters = tuple(Fresh(max_reading_age_s) if isinstance(f, Fresh) else f for f in profile.filters)
-    return dataclasses.replace(profile, filters=filters)
 
 
 class RegistryView:
@@ -99,7 +89,7 @@ class RegistryView:
         get = getter(conf, **overrides)
         return cls(registry_factory=lambda: Registry.from_config(conf, **overrides),
                    broker=redis.Redis.from_url(get("broker_url")),
-                   profile=build_profile(get("dispatch_profile"), get("max_reading_age")),
+                   profile=get_profile(get("dispatch_profile"), get("max_reading_age")),
                    reconcile_interval=get("reconcile_interval"),
                    queue_depth_interval=get("queue_depth_interval"),
                    service=get("nacos_service"), rng=overrides.get("rng"))
@@ -190,12 +180,6 @@ class RegistryView:
         """Instances skipped for malformed metadata, by key, with the reason."""
         with self._lock:
             return dict(self._malformed)
-
-    def reading_ages(self) -> dict[str, float | None]:
-        """Seconds since each GPU's reading (``None``: the worker sent no ``updated_at``)."""
-        now_ms = int(time.time() * 1000)
-        with self._lock:
-            return {key: state.age_s(now_ms) for key, state in self._states.items()}
 
     # -- updates -----------------------------------------------------------------------
 

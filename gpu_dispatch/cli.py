@@ -16,6 +16,8 @@ import click
 import celeryconfig
 from gpu_dispatch.processes import beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
 from gpu_dispatch.servers import ServerError, local_servers
+from scoring import PROFILES
+from workers.gpu import TENANT_PROFILES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,7 +72,7 @@ def servers_status() -> None:
 @click.option("--gpu", "gpu", type=int, required=True, help="Index of the GPU this worker serves.")
 @click.option("--concurrency", "-c", type=int, default=None,
               help="Inference slots [default: GPU_DISPATCH_MAX_CONCURRENCY].")
-@click.option("--tenants", type=click.Choice(["idle", "steady", "bursty", "nearly-full"]), default=None,
+@click.option("--tenants", type=click.Choice(list(TENANT_PROFILES)), default=None,
               help="Other tenants' load on a simulated GPU [default: GPU_DISPATCH_SIM_TENANTS].")
 @click.option("--simulated", is_flag=True, help="Use a simulated GPU even where NVML answers.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
@@ -102,7 +104,7 @@ def dispatcher(concurrency: int, celery_args) -> None:
 @main.command("beat")
 def beat() -> None:
     """Run celery beat, which sends refresh_gpu_metadata to every GPU worker each refresh interval."""
-    _exec(beat_argv(os.path.join(celeryconfig.home, "celerybeat-schedule")), {})
+    _exec(beat_argv(celeryconfig.beat_schedule_filename), {})
 
 
 @main.command("flower")
@@ -123,9 +125,14 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
 @click.option("--once", is_flag=True, help="Print one snapshot and exit instead of refreshing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON (for scripts) and exit.")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
-@click.option("--profile", default="default", show_default=True, help="Scoring profile to score with.")
+@click.option("--profile", type=click.Choice(sorted(PROFILES)), default=celeryconfig.dispatch_profile,
+              show_default=True, help="Scoring profile to score with (default: GPU_DISPATCH_PROFILE).")
 def status(once: bool, as_json: bool, interval: float, profile: str) -> None:
-    """Every registered GPU: memory, utilisation, work in flight, queue depth, age, score, probability."""
+    """Every registered GPU: memory, utilisation, work in flight, queue depth, age, score, probability.
+
+    Scored as the dispatcher scores a request that does not say its memory
+    (GPU_DISPATCH_REQUEST_MEMORY_MB), with its reading age limit (GPU_DISPATCH_MAX_READING_AGE).
+    """
     import json
 
     import redis
@@ -134,24 +141,31 @@ def status(once: bool, as_json: bool, interval: float, profile: str) -> None:
 
     from gpu_dispatch.registry import Registry, RegistryError
     from gpu_dispatch.status import render, snapshot
+    from scoring import Request, get_profile
 
+    scoring_profile = get_profile(profile, celeryconfig.max_reading_age)
+    request = Request(memory_mb=celeryconfig.request_memory_mb)
     try:
         registry = Registry.from_config(celeryconfig)
     except RegistryError as exc:
         raise click.ClickException(f"{exc}\nIs Nacos up? (gpu-dispatch servers status)") from None
     broker = redis.Redis.from_url(celeryconfig.broker_url)
+
+    def table():
+        return render(snapshot(registry, broker, scoring_profile, request), scoring_profile, request)
+
     try:
         if as_json:
-            click.echo(json.dumps(snapshot(registry, broker, profile), indent=2))
+            click.echo(json.dumps(snapshot(registry, broker, scoring_profile, request), indent=2))
             return
         console = Console()
         if once:
-            console.print(render(snapshot(registry, broker, profile), profile))
+            console.print(table())
             return
-        with Live(render(snapshot(registry, broker, profile), profile), console=console) as live:
+        with Live(table(), console=console) as live:
             while True:
                 time.sleep(interval)
-                live.update(render(snapshot(registry, broker, profile), profile))
+                live.update(table())
     except KeyboardInterrupt:
         pass
     finally:

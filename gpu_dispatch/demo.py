@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import celeryconfig
+from gpu_dispatch.contract import gpu_queue
 from gpu_dispatch.processes import Supervisor, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
 from gpu_dispatch.registry import Registry, RegistryError
 from gpu_dispatch.servers import local_servers
@@ -173,7 +174,7 @@ def _summarise(outcome: Outcome, console, plot: Path | None) -> None:
     latency = defaultdict(list)
     for answer, ms in zip(outcome.answers, outcome.latencies_ms):
         latency[answer["gpu"]["queue"]].append(ms)
-    tenants = {f"gpu.127.0.0.1.{8000 + g}": t for g, t in GPUS}
+    tenants = {gpu_queue(DEMO_ENV["GPU_DISPATCH_WORKER_IP"], celeryconfig.base_port + g): t for g, t in GPUS}
 
     table = Table(title=f"{len(outcome.answers)} answered, {len(outcome.errors)} errors, {outcome.lost} lost "
                         f"of {outcome.sent} sent")

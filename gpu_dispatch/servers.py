@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import redis
+
 from gpu_dispatch.settings import getter
 
 #: Nacos server release we build and run (``com.pig4cloud.nacos:nacos-naming`` / ``nacos-config`` on
@@ -184,16 +186,24 @@ class RedisServer(LocalServer):
         if parsed.scheme not in {"redis", "rediss"}:
             raise ServerError(f"broker URL {url!r} is not a Redis URL (GPU_DISPATCH_BROKER_URL); "
                               "use e.g. redis://127.0.0.1:6379/0")
-        return cls(parsed.hostname or "127.0.0.1", parsed.port or 6379, home)
+        server = cls(parsed.hostname or "127.0.0.1", parsed.port or 6379, home)
+        server.url = url
+        return server
+
+    #: The URL clients use (its password, TLS); plain ``redis://host:port`` when not set.
+    url = ""
 
     def answering(self) -> bool:
+        client = redis.Redis.from_url(self.url or f"redis://{self.host}:{self.port}",
+                                      socket_connect_timeout=1, socket_timeout=1)
         try:
-            with socket.create_connection((self.host, self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                reply = sock.recv(64)
-        except OSError:
+            return bool(client.ping())
+        except redis.AuthenticationError:
+            return True  # a server that wants (another) password is answering
+        except redis.RedisError:
             return False
-        return reply.startswith((b"+PONG", b"-NOAUTH"))
+        finally:
+            client.close()
 
     def ensure_installed(self) -> None:
         if shutil.which("redis-server"):

@@ -13,22 +13,23 @@ from typing import Any
 import redis
 
 from gpu_dispatch.registry import Registry
-from scoring import Candidate, MalformedMetadata, Request, explain, parse_instance
+from scoring import Candidate, MalformedMetadata, Profile, Request, explain, parse_instance
 
 COLUMNS = ("host", "gpu", "name", "queue", "free_mb", "total_mb", "util", "in_flight", "queue_depth",
            "age_s", "source", "score", "probability", "excluded")
 
 
-def snapshot(registry: Registry, broker: redis.Redis, profile: str) -> list[dict[str, Any]]:
-    """One row per registered instance (malformed ones included, with the reason)."""
+def snapshot(registry: Registry, broker: redis.Redis, profile: Profile, request: Request) -> list[dict[str, Any]]:
+    """One row per registered instance (malformed ones included, with the reason), scored as a
+    dispatcher with ``profile`` would score ``request``."""
     now_ms = int(time.time() * 1000)
     rows: dict[str, dict[str, Any]] = {}
     candidates = []
     for instance in registry.list_instances(healthy_only=False):
         meta = instance.metadata
-        row = {**dict.fromkeys(COLUMNS), "key": instance.key, "host": instance.ip, "gpu": meta.get("gpu_index"), "name": meta.get("gpu_name"),
-               "queue": meta.get("queue"), "source": meta.get("source"), "score": None, "probability": 0.0,
-               "excluded": None}
+        row = {**dict.fromkeys(COLUMNS), "key": instance.key, "host": instance.ip, "gpu": meta.get("gpu_index"),
+               "name": meta.get("gpu_name"), "queue": meta.get("queue"), "source": meta.get("source"),
+               "probability": 0.0}
         rows[instance.key] = row
         try:
             state = parse_instance(instance.ip, instance.port, meta, healthy=instance.healthy,
@@ -46,18 +47,19 @@ def snapshot(registry: Registry, broker: redis.Redis, profile: str) -> list[dict
         depths = pipe.execute()
     for state, depth in zip(candidates, depths):
         rows[state.key]["queue_depth"] = depth
-    reports = explain([Candidate(s, queue_depth=d) for s, d in zip(candidates, depths)], Request(),
+    reports = explain([Candidate(s, queue_depth=d) for s, d in zip(candidates, depths)], request,
                       profile=profile, now_ms=now_ms)
     for report in reports:
         rows[report.key].update(score=report.score, probability=report.probability, excluded=report.dropped)
     return sorted(rows.values(), key=lambda r: (r["host"], str(r["gpu"])))
 
 
-def render(rows: list[dict[str, Any]], profile: str):
+def render(rows: list[dict[str, Any]], profile: Profile, request: Request):
     """A rich Table of the rows (colour where the terminal supports it)."""
     from rich.table import Table
 
-    table = Table(title=f"GPUs in Nacos — profile {profile!r}, {time.strftime('%H:%M:%S')}")
+    table = Table(title=f"GPUs in Nacos — profile {profile.name!r}, request {request.describe()}, "
+                        f"{time.strftime('%H:%M:%S')}")
     for column in COLUMNS:
         table.add_column(column, justify="right" if column not in {"host", "name", "queue", "source",
                                                                    "excluded"} else "left")

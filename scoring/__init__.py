@@ -42,7 +42,7 @@ The API the dispatcher, the status view and the benchmark use:
     The same reports without picking, for a status view; never raises
     :class:`NoEligibleGpu`.
 
-``PROFILES``, ``get_profile(name) -> Profile``
+``PROFILES``, ``get_profile(name, max_reading_age_s=None) -> Profile``
     ``"default"`` (our best, see ``docs/bench-balance.md``), ``"seed"`` (the
     seed article's formula and roulette, exactly) and ``"p2c"`` (the default's
     scores, power-of-two-choices picker).  :class:`Profile` builds others.

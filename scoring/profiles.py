@@ -10,7 +10,7 @@ scorers' scores, so with normalised scorers it stays in [0, 1].
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
@@ -113,8 +113,8 @@ P2C = Profile(
 PROFILES: Mapping[str, Profile] = MappingProxyType({p.name: p for p in (DEFAULT, SEED, P2C)})
 
 
-def get_profile(name: str) -> Profile:
-    """The profile called ``name``.
+def get_profile(name: str, max_reading_age_s: float | None = None) -> Profile:
+    """The profile called ``name``, its freshness filter set to ``max_reading_age_s`` seconds when given.
 
     :raises InvalidParameter: naming the known profiles when there is none by that name.
     """
@@ -122,4 +122,7 @@ def get_profile(name: str) -> Profile:
     if profile is None:
         raise InvalidParameter("profile", f"no scoring profile called {name!r}; "
                                           f"choose one of {', '.join(sorted(PROFILES))}")
-    return profile
+    if max_reading_age_s is None or not any(isinstance(f, Fresh) for f in profile.filters):
+        return profile
+    filters = tuple(Fresh(max_reading_age_s) if isinstance(f, Fresh) else f for f in profile.filters)
+    return replace(profile, filters=filters)

@@ -131,11 +131,11 @@ class PythonBackend:
                            "with a 'text' string")
 
 
-def open_backend(conf: Any, gpu: Gpu, ip: str, port: int, model_name: str) -> Backend:
+def open_backend(conf: Any, gpu: Gpu, ip: str, port: int) -> Backend:
     """The backend named by ``GPU_DISPATCH_BACKEND``, built once per worker."""
     if conf.backend == "openai":
         url = conf.openai_url or f"http://{ip}:{port}/v1/completions"
-        return OpenAIBackend(url, conf.openai_model or model_name, conf.openai_connect_timeout,
+        return OpenAIBackend(url, conf.openai_model or conf.model_name, conf.openai_connect_timeout,
                              conf.openai_read_timeout)
     if conf.backend == "python":
         if not conf.python_callable:

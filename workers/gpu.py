@@ -170,12 +170,9 @@ class SimulatedGpu:
 
     def __init__(self, index: int, total_mb: int, tenants: str, seed: int, inflight: InFlight,
                  clock=time.monotonic) -> None:
-        if tenants not in TENANT_PROFILES:
-            raise ValueError(f"unknown tenant profile {tenants!r}; choose one of {', '.join(TENANT_PROFILES)} "
-                             "(GPU_DISPATCH_SIM_TENANTS)")
+        self.set_tenants(tenants)
         self.index = index
         self.total_mb = total_mb
-        self.tenants = tenants
         self.inflight = inflight
         self._clock = clock
         self._start = clock()
@@ -188,7 +185,8 @@ class SimulatedGpu:
     def set_tenants(self, tenants: str) -> None:
         """Change the other tenants' profile (the next reading shows it)."""
         if tenants not in TENANT_PROFILES:
-            raise ValueError(f"unknown tenant profile {tenants!r}; choose one of {', '.join(TENANT_PROFILES)}")
+            raise ValueError(f"unknown tenant profile {tenants!r}; choose one of {', '.join(TENANT_PROFILES)} "
+                             "(GPU_DISPATCH_SIM_TENANTS)")
         self.tenants = tenants
 
     def _tenant_load(self) -> tuple[float, float]:

@@ -17,7 +17,7 @@ from typing import Any
 from gpu_dispatch.contract import gpu_queue
 from gpu_dispatch.registry import Registry
 from workers.backends import open_backend
-from workers.gpu import GpuReading, InFlight, open_gpu
+from workers.gpu import InFlight, open_gpu
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class GpuWorker:
         self.inflight = InFlight()
         self.gpu = open_gpu(gpu_index, conf.gpu_source, total_mb=conf.sim_memory_mb, tenants=conf.sim_tenants,
                             seed=conf.sim_seed, inflight=self.inflight)
-        self.backend = open_backend(conf, self.gpu, self.ip, self.port, conf.model_name)
+        self.backend = open_backend(conf, self.gpu, self.ip, self.port)
         self._registry: Registry | None = None
         self._lock = threading.Lock()
         self._withdrawn = False
@@ -75,9 +75,9 @@ class GpuWorker:
 
     # -- metadata ----------------------------------------------------------------
 
-    def metadata(self, reading: GpuReading | None = None) -> dict[str, str]:
-        """The instance metadata: the seed article's keys, then ours.  All values are strings."""
-        reading = reading or self.gpu.read()
+    def metadata(self) -> dict[str, str]:
+        """The instance metadata from a fresh reading: the seed article's keys, then ours.  All values are strings."""
+        reading = self.gpu.read()
         return {
             "gpu_index": str(self.gpu_index),
             "memory_total_mb": str(reading.memory_total_mb),

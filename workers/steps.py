@@ -39,9 +39,6 @@ from workers import runtime
 
 log = logging.getLogger(__name__)
 
-#: Pools that share one CUDA context per worker process (never one forked with it).
-CUDA_SAFE_POOLS = ("threads", "solo")
-
 GPU_OPTION = Option(("--gpu",), type=int, default=None, metavar="INDEX",
                     help="Serve this GPU: register it in Nacos and consume its queue (gpu-dispatch).")
 

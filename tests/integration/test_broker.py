@@ -39,7 +39,12 @@ def test_a_task_round_trips_a_json_payload_through_the_real_broker_and_result_ba
     assert result.state == "SUCCESS"
 
 
-def test_only_json_is_accepted():
-    assert app.conf.task_serializer == "json"
-    assert app.conf.result_serializer == "json"
-    assert list(app.conf.accept_content) == ["json"]
+def test_a_worker_refuses_a_pickled_message_and_never_runs_it(echo_worker):
+    assert (app.conf.task_serializer, app.conf.result_serializer) == ("json", "json")
+
+    result = app.send_task("celery.accumulate", args=[PAYLOAD], kwargs={"index": 0}, queue=echo_worker,
+                           serializer="pickle")
+
+    wait_until(lambda: "Refusing to deserialize untrusted content of type pickle" in log_tail("echo_worker", 200),
+               30, "the worker to refuse the pickled message")
+    assert result.state == "PENDING"

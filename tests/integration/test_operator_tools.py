@@ -9,10 +9,9 @@ import time
 import urllib.request
 
 from dispatcher import dispatch_inference
-from gpu_dispatch.celery import app
 from gpu_dispatch.processes import flower_argv, flower_env
-from tests.integration.dispatch_support import FAST_GPU, start_dispatcher
-from tests.support import PYTHON, spawn, start_beat, start_gpu_worker, stop, wait_until
+from tests.integration.dispatch_support import start_dispatcher, start_gpus
+from tests.support import PYTHON, spawn, stop, wait_until
 
 STATUS_FIELDS = {"host", "gpu", "name", "queue", "free_mb", "total_mb", "util", "in_flight", "queue_depth",
                  "age_s", "source", "score", "probability", "excluded"}
@@ -34,11 +33,7 @@ def status_json(service: str) -> list[dict]:
 
 def test_status_json_reports_every_registered_gpu_and_why_one_is_excluded(make_registry, service_name,
                                                                           celery_processes):
-    fast = {"GPU_DISPATCH_REFRESH_INTERVAL": "1"}
-    celery_processes += [start_gpu_worker(app, 0, service_name, env={**fast, "GPU_DISPATCH_SIM_TENANTS": "idle"}),
-                         start_gpu_worker(app, 1, service_name, env={**fast,
-                                                                      "GPU_DISPATCH_SIM_TENANTS": "nearly-full"}),
-                         start_beat(service_name, fast)]
+    start_gpus(service_name, celery_processes, ["idle", "nearly-full"])
     stranger = make_registry()
     stranger.register("10.7.7.7", 9000, {"gpu_index": "0", "memory_free_mb": "lots"})  # not one of ours
 
@@ -56,7 +51,7 @@ def test_status_json_reports_every_registered_gpu_and_why_one_is_excluded(make_r
 
 
 def test_flower_api_shows_a_dispatched_requests_tasks(service_name, celery_processes, producer_view):
-    celery_processes.append(start_gpu_worker(app, 0, service_name, env=FAST_GPU))
+    start_gpus(service_name, celery_processes, ["idle"])  # with beat: its reading stays fresh while Flower starts
     wait_until(producer_view.candidates, 30, "the GPU in the dispatcher's view")
     flower = spawn(flower_argv(FLOWER_PORT), "flower", flower_env("127.0.0.1"))
     try:
@@ -79,7 +74,7 @@ def test_flower_api_shows_a_dispatched_requests_tasks(service_name, celery_proce
 
 
 def test_metrics_endpoint_serves_the_dispatchers_series(service_name, celery_processes, central_mode):
-    celery_processes.append(start_gpu_worker(app, 0, service_name, env=FAST_GPU))
+    start_gpus(service_name, celery_processes, ["idle"])
     start_dispatcher(service_name, celery_processes, env={"GPU_DISPATCH_METRICS_PORT": str(METRICS_PORT)})
 
     answer = dispatch_inference.delay("count me").get(timeout=60)

@@ -8,9 +8,9 @@ import time
 import pytest
 import redis
 
-from dispatcher.view import RegistryView, build_profile
+from dispatcher.view import RegistryView
 from gpu_dispatch.registry import Instance
-from scoring import Fresh, NoEligibleGpu, Request
+from scoring import NoEligibleGpu, Request, get_profile
 
 
 def metadata(port: int, *, free: int = 60000, updated_at: int | None = None, **extra: str) -> dict[str, str]:
@@ -27,7 +27,7 @@ def gpu(port: int, **kwargs) -> Instance:
 @pytest.fixture
 def view() -> RegistryView:
     # Never started: no Nacos client, no thread; the broker client connects only when used.
-    return RegistryView(registry_factory=lambda: None, broker=redis.Redis(port=1), profile=build_profile("default", 15),
+    return RegistryView(registry_factory=lambda: None, broker=redis.Redis(port=1), profile=get_profile("default", 15),
                         reconcile_interval=5, queue_depth_interval=1, service="gpu-inference", rng=random.Random(1))
 
 
@@ -79,12 +79,6 @@ def test_stale_readings_are_dropped_with_their_age(view):
     view.apply([gpu(8000, updated_at=int(time.time() * 1000) - 60_000)], "list")
     with pytest.raises(NoEligibleGpu, match="reading is 6.\\.. s old; the limit is 15 s"):
         view.choose(Request(), path="central")
-
-
-def test_the_reading_age_limit_is_a_setting_of_the_profile():
-    profile = build_profile("default", 42)
-    assert [f.max_age_s for f in profile.filters if isinstance(f, Fresh)] == [42.0]
-    assert build_profile("seed", 42).name == "seed"  # no freshness filter there: unchanged
 
 
 def test_the_view_is_trusted_only_while_nacos_is_heard(view):

@@ -235,6 +235,12 @@ def test_named_profiles_exist_and_unknown_names_list_the_known_ones():
     assert "choose one of default, p2c, seed" in str(caught.value)
 
 
+def test_a_profile_can_be_had_with_another_reading_age_limit():
+    profile = get_profile("default", 42)
+    assert [f.max_age_s for f in profile.filters if isinstance(f, Fresh)] == [42.0]
+    assert get_profile("seed", 42) is PROFILES["seed"]  # no freshness filter there: unchanged
+
+
 def test_seed_profile_filters_on_health_only_so_stale_readings_still_count():
     stale = gpu(8000, age_s=3600, free=1000)
     assert choose([stale], REQUEST, profile="seed", now_ms=NOW_MS).chosen is stale
