@@ -22,7 +22,15 @@ methods, each bounded by a timeout.  Facts of the SDK this class relies on
   the client from one would deadlock; :meth:`Registry._call` refuses that with
   a clear error instead of hanging;
 - gRPC channels do not survive ``fork()``: build the registry in the process
-  that uses it (a Celery ``worker_process_init`` or bootstep, never at import).
+  that uses it (a Celery ``worker_process_init`` or bootstep, never at import);
+- the SDK's reconnection loop can end for good after a server restart (3.2.0:
+  a stray ``CancelledError`` while it reconnects stops its handler task, and
+  the health check keeps passing on the old channel), leaving the client
+  ``UNHEALTHY`` for ever with every call failing "client not connected".
+  :class:`Registry` heals that: when every call has failed for
+  ``reconnect_after`` seconds while the server's gRPC port accepts
+  connections, it opens a new client, replays its registrations and
+  subscriptions on it, and shuts the old one.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
@@ -43,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds :meth:`Registry.close` waits for the SDK to shut its connection.
 CLOSE_TIMEOUT = 5.0
+#: Seconds of failing calls, with the server reachable, after which the client is replaced.
+RECONNECT_AFTER = 10.0
 
 
 class RegistryError(Exception):
@@ -79,16 +91,26 @@ class Registry:
     :param timeout: seconds; the longest any one call may take.
     :param home: directory under which the client writes its logs and cache
         (``<home>/nacos-client``), instead of the user's home directory.
+    :param reconnect_after: seconds every call may fail while the server's gRPC
+        port accepts connections before the SDK client is given up and replaced
+        (see the module docstring).
     """
 
     def __init__(self, *, server_addresses: str, service: str, home: str, namespace: str = "",
                  group: str = "DEFAULT_GROUP", username: str = "", password: str = "",
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, reconnect_after: float = RECONNECT_AFTER) -> None:
         self.service = service
         self.group = group
         self.namespace = namespace
         self.timeout = timeout
         self.server_addresses = server_addresses
+        self.reconnect_after = reconnect_after
+        self._state_lock = threading.Lock()
+        self._registered: dict[tuple[str, int], dict[str, str]] = {}  # replayed on a new client
+        self._subscriptions: list[Callable[[list], Awaitable[None]]] = []  # likewise
+        self._reachable_failing_since: float | None = None  # monotonic
+        self._replacing: Any = None  # the concurrent Future of a replacement under way
+        self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nacos-registry", daemon=True)
         self._thread.start()
@@ -106,6 +128,8 @@ class Registry:
         config.grpc_config.grpc_timeout = int(timeout * 1000)
         config.update_cache_when_empty = True
         config.load_cache_at_start = False
+        self._config = config
+        self._grpc_offset = config.grpc_config.port_offset
         try:
             self._client: NacosNamingService = self._call(NacosNamingService.create_naming_service(config),
                                                           what="connect")
@@ -127,21 +151,27 @@ class Registry:
 
     def register(self, ip: str, port: int, metadata: Mapping[str, str]) -> None:
         """Register (or replace) this client's ephemeral instance with ``metadata``."""
-        param = RegisterInstanceParam(ip=ip, port=port, metadata=dict(metadata), service_name=self.service,
-                                      group_name=self.group, ephemeral=True)
-        self._call(self._client.register_instance(param), what=f"register {ip}:{port}")
+        with self._state_lock:
+            self._registered[(ip, port)] = dict(metadata)
+        self._call(self._client.register_instance(self._instance(ip, port, metadata)), what=f"register {ip}:{port}")
 
     def update(self, ip: str, port: int, metadata: Mapping[str, str]) -> None:
         """Replace the whole metadata map of this client's instance."""
-        param = RegisterInstanceParam(ip=ip, port=port, metadata=dict(metadata), service_name=self.service,
-                                      group_name=self.group, ephemeral=True)
-        self._call(self._client.update_instance(param), what=f"update {ip}:{port}")
+        with self._state_lock:
+            self._registered[(ip, port)] = dict(metadata)
+        self._call(self._client.update_instance(self._instance(ip, port, metadata)), what=f"update {ip}:{port}")
 
     def deregister(self, ip: str, port: int) -> None:
         """Remove this client's instance now (the server also drops it when the client disconnects)."""
+        with self._state_lock:
+            self._registered.pop((ip, port), None)
         param = DeregisterInstanceParam(ip=ip, port=port, service_name=self.service, group_name=self.group,
                                         ephemeral=True)
         self._call(self._client.deregister_instance(param), what=f"deregister {ip}:{port}")
+
+    def _instance(self, ip: str, port: int, metadata: Mapping[str, str]) -> RegisterInstanceParam:
+        return RegisterInstanceParam(ip=ip, port=port, metadata=dict(metadata), service_name=self.service,
+                                     group_name=self.group, ephemeral=True)
 
     def list_instances(self, healthy_only: bool = True) -> list[Instance]:
         """Instances of the service as the server reports them now.
@@ -169,9 +199,12 @@ class Registry:
             except Exception:  # a broken callback must not kill the SDK's push handling
                 log.exception("Nacos subscription callback for %s failed", self.service)
 
-        param = SubscribeServiceParam(service_name=self.service, group_name=self.group,
-                                      subscribe_callback=on_change)
-        self._call(self._client.subscribe(param), what=f"subscribe to {self.service}")
+        with self._state_lock:
+            self._subscriptions.append(on_change)
+        self._call(self._client.subscribe(self._subscription(on_change)), what=f"subscribe to {self.service}")
+
+    def _subscription(self, on_change: Callable[[list], Awaitable[None]]) -> SubscribeServiceParam:
+        return SubscribeServiceParam(service_name=self.service, group_name=self.group, subscribe_callback=on_change)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -180,6 +213,7 @@ class Registry:
 
         Bounded: gives up after :data:`CLOSE_TIMEOUT` seconds.  Safe to call twice.
         """
+        self._closed = True
         if self._loop.is_closed():
             return
         if self._loop.is_running():
@@ -220,15 +254,88 @@ class Registry:
                                "client's event loop and would deadlock; hand the work to another thread")
         future = asyncio.run_coroutine_threadsafe(_bounded(coro, self.timeout), self._loop)
         try:
-            return future.result(self.timeout + 1)
+            result = future.result(self.timeout + 1)
         except (NacosException, asyncio.TimeoutError, FutureTimeout, OSError) as exc:
             future.cancel()
+            if what != "connect":
+                self._after_failure()
             raise RegistryError(f"Nacos at {self.server_addresses}: could not {what}: "
                                 f"{_describe(exc)} (GPU_DISPATCH_NACOS_SERVER, GPU_DISPATCH_NACOS_TIMEOUT)") from exc
+        self._reachable_failing_since = None
+        return result
+
+    # -- replacing a client that no longer reconnects -----------------------------
+
+    def _after_failure(self) -> None:
+        """Count a failed call; replace the client once calls have failed for
+        ``reconnect_after`` seconds while the server accepts connections."""
+        if self._closed or (self._replacing is not None and not self._replacing.done()):
+            return
+        if not self._server_reachable():
+            self._reachable_failing_since = None  # down: the SDK's own reconnection is what should act
+            return
+        now = time.monotonic()
+        if self._reachable_failing_since is None:
+            self._reachable_failing_since = now
+        elif now - self._reachable_failing_since >= self.reconnect_after:
+            log.warning("Nacos at %s answers but this client's calls have failed for %.0f s: it has stopped "
+                        "reconnecting; replacing it with a new client", self.server_addresses,
+                        now - self._reachable_failing_since)
+            self._reachable_failing_since = now  # next replacement no sooner than reconnect_after from now
+            self._replacing = asyncio.run_coroutine_threadsafe(self._replace_client(), self._loop)
+
+    def _server_reachable(self) -> bool:
+        """Whether any configured server's gRPC port accepts a TCP connection now."""
+        for address in self.server_addresses.split(","):
+            host, _, port = address.strip().removeprefix("http://").removeprefix("https://").rstrip("/") \
+                .rpartition(":")
+            if not port.isdigit():
+                continue
+            try:
+                with socket.create_connection((host, int(port) + self._grpc_offset), timeout=1.0):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    async def _replace_client(self) -> None:
+        """Open a new client, replay registrations and subscriptions on it, swap it in, shut the old one."""
+        try:
+            # Not bounded by ``timeout``: the SDK's start gives up by itself after three tries
+            # (a cancelled start would leave its tasks running).
+            new = await NacosNamingService.create_naming_service(self._config)
+        except Exception as exc:
+            log.warning("could not open a new Nacos client to %s: %s", self.server_addresses, _describe(exc))
+            return
+        if self._closed:
+            await _quietly(new.shutdown())
+            return
+        with self._state_lock:
+            registered, subscriptions = dict(self._registered), list(self._subscriptions)
+        try:
+            for (ip, port), metadata in registered.items():
+                await asyncio.wait_for(new.register_instance(self._instance(ip, port, metadata)), self.timeout)
+            for on_change in subscriptions:
+                await asyncio.wait_for(new.subscribe(self._subscription(on_change)), self.timeout)
+        except (NacosException, asyncio.TimeoutError, OSError) as exc:
+            log.warning("new Nacos client: replaying %d registrations and %d subscriptions failed (%s); "
+                        "its own redo retries them", len(registered), len(subscriptions), _describe(exc))
+        old, self._client = self._client, new
+        log.warning("Nacos client to %s replaced: %d registrations and %d subscriptions carried over",
+                    self.server_addresses, len(registered), len(subscriptions))
+        await _quietly(old.shutdown())
 
 
 async def _bounded(coro: Awaitable[Any], timeout: float) -> Any:
     return await asyncio.wait_for(coro, timeout)
+
+
+async def _quietly(coro: Awaitable[Any]) -> None:
+    """Shut a client down within :data:`CLOSE_TIMEOUT`, logging rather than raising."""
+    try:
+        await asyncio.wait_for(coro, CLOSE_TIMEOUT)
+    except Exception as exc:
+        log.debug("shutting an old Nacos client: %s", exc)
 
 
 def _describe(exc: BaseException) -> str:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from datetime import timedelta
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Ignore
+from celery.utils.time import maybe_iso8601
 
 from gpu_dispatch.celery import app
 from gpu_dispatch.contract import INFERENCE_TASK, REFRESH_TASK
 from gpu_dispatch.registry import RegistryError
 from workers import runtime
 from workers.backends import DEFAULT_MAX_TOKENS
+
+log = logging.getLogger(__name__)
 
 
 class ModelMismatch(ValueError):
@@ -20,9 +26,16 @@ class ModelMismatch(ValueError):
 
 class RefreshTask(Task):
     """Retries go to this worker's own control queue: a retry sent back to the fan-out
-    exchange would refresh every GPU worker — or, with none subscribed, be lost."""
+    exchange would refresh every GPU worker — or, with none subscribed, be lost.  A retry
+    that would run after the refresh expires is not sent: the next scheduled refresh is due."""
 
     def retry(self, *args: Any, **kwargs: Any):
+        expires = self.request.expires
+        expires = maybe_iso8601(expires) if isinstance(expires, str) else expires
+        if expires is not None and self.app.now() + timedelta(seconds=kwargs.get("countdown") or 0) >= expires:
+            log.info("refresh %s dropped: a retry would run after it expires (%s); the next refresh is due",
+                     self.request.id, kwargs.get("exc") or "Nacos unreachable")
+            raise Ignore()
         kwargs.setdefault("queue", runtime.current().control_queue)
         return super().retry(*args, **kwargs)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
 
+from gpu_dispatch.registry import Registry, RegistryError
 from tests.support import PYTHON, log_tail, spawn, stop, wait_until
 
 #: The metadata keys the seed article's clients read, with plausible values.
@@ -113,3 +115,50 @@ def test_calling_the_registry_from_its_own_callback_fails_fast_instead_of_deadlo
 
     error = wait_until(lambda: errors, PROPAGATION_DEADLINE, "the callback's error")[0]
     assert "subscription callback" in str(error)
+
+
+def _stop_reconnecting(registry: Registry) -> None:
+    """Leave ``registry``'s SDK client the way nacos-sdk-python 3.2.0 sometimes leaves it after a
+    server restart: its reconnection handler ended (a stray ``CancelledError`` breaks its loop)."""
+    task = registry._client.grpc_client_proxy.rpc_client.reconnection_task
+    registry._loop.call_soon_threadsafe(task.cancel)
+    wait_until(task.done, 5, "the SDK's reconnection handler to end")
+
+
+def test_a_client_that_no_longer_reconnects_is_replaced_keeping_its_instance_and_subscription(
+        make_registry, servers, caplog):
+    _redis, nacos = servers
+    owner, watcher = make_registry(), make_registry()
+    owner.reconnect_after = watcher.reconnect_after = 2.0
+    subscriber = Subscriber(watcher)
+    owner.register("10.1.2.3", 8000, SEED_METADATA)
+    wait_until(lambda: subscriber.latest() == {"10.1.2.3:8000": SEED_METADATA}, PROPAGATION_DEADLINE,
+               "the first push")
+    for registry in (owner, watcher):
+        _stop_reconnecting(registry)
+
+    print(f"\n{nacos.stop()}")
+    print(nacos.start(timeout=120))  # a new server: it knows no instance and no subscriber
+    restarted_at = time.monotonic()
+    updated = {**SEED_METADATA, "gpu_util": "99"}
+
+    def succeeds(call) -> bool:
+        try:
+            call()
+            return True
+        except RegistryError:
+            return False
+
+    with caplog.at_level(logging.WARNING, logger="gpu_dispatch.registry"):
+        wait_until(lambda: succeeds(lambda: owner.update("10.1.2.3", 8000, updated)), 60,
+                   "the owner to update its instance again", interval=0.5)
+        wait_until(lambda: succeeds(watcher.list_instances), 60, "the watcher to list again", interval=0.5)
+    # The watcher's subscription came over to its new client: the owner's update is pushed to it.
+    wait_until(lambda: subscriber.latest() == {"10.1.2.3:8000": updated}, PROPAGATION_DEADLINE,
+               "the update in a push to the watcher's replaced subscription")
+    print(f"both clients replaced and working {time.monotonic() - restarted_at:.1f} s after the restart "
+          f"(reconnect_after=2 s)")
+    replaced = [r.getMessage() for r in caplog.records if "replaced" in r.getMessage()]
+    assert len(replaced) == 2, replaced
+    assert "1 registrations and 0 subscriptions" in " ".join(replaced)
+    assert "0 registrations and 1 subscriptions" in " ".join(replaced)
