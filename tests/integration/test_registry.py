@@ -119,10 +119,13 @@ def test_calling_the_registry_from_its_own_callback_fails_fast_instead_of_deadlo
 
 def _stop_reconnecting(registry: Registry) -> None:
     """Leave ``registry``'s SDK client the way nacos-sdk-python 3.2.0 sometimes leaves it after a
-    server restart: its reconnection handler ended (a stray ``CancelledError`` breaks its loop)."""
-    task = registry._client.grpc_client_proxy.rpc_client.reconnection_task
-    registry._loop.call_soon_threadsafe(task.cancel)
-    wait_until(task.done, 5, "the SDK's reconnection handler to end")
+    server restart: its reconnection handler ended (a stray ``CancelledError`` breaks its loop) and
+    its health check no longer reconnects (there it passes on the old channel; here it is ended too,
+    so that only the facade can bring the client back)."""
+    client = registry._client.grpc_client_proxy.rpc_client
+    for task in (client.reconnection_task, client.health_check_task):
+        registry._loop.call_soon_threadsafe(task.cancel)
+        wait_until(task.done, 5, "the SDK's reconnection to end")
 
 
 def test_a_client_that_no_longer_reconnects_is_replaced_keeping_its_instance_and_subscription(
