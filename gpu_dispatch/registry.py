@@ -257,8 +257,7 @@ class Registry:
             result = future.result(self.timeout + 1)
         except (NacosException, asyncio.TimeoutError, FutureTimeout, OSError) as exc:
             future.cancel()
-            if what != "connect":
-                self._after_failure()
+            self._after_failure()
             raise RegistryError(f"Nacos at {self.server_addresses}: could not {what}: "
                                 f"{_describe(exc)} (GPU_DISPATCH_NACOS_SERVER, GPU_DISPATCH_NACOS_TIMEOUT)") from exc
         self._reachable_failing_since = None
@@ -286,9 +285,8 @@ class Registry:
 
     def _server_reachable(self) -> bool:
         """Whether any configured server's gRPC port accepts a TCP connection now."""
-        for address in self.server_addresses.split(","):
-            host, _, port = address.strip().removeprefix("http://").removeprefix("https://").rstrip("/") \
-                .rpartition(":")
+        for address in self._config.server_list:
+            host, _, port = address.removeprefix("http://").removeprefix("https://").rstrip("/").rpartition(":")
             if not port.isdigit():
                 continue
             try:
@@ -318,10 +316,10 @@ class Registry:
             for on_change in subscriptions:
                 await asyncio.wait_for(new.subscribe(self._subscription(on_change)), self.timeout)
         except (NacosException, asyncio.TimeoutError, OSError) as exc:
-            log.warning("new Nacos client: replaying %d registrations and %d subscriptions failed (%s); "
-                        "its own redo retries them", len(registered), len(subscriptions), _describe(exc))
+            log.warning("new Nacos client: replaying instances %d, subscriptions %d failed (%s); its own redo "
+                        "retries them", len(registered), len(subscriptions), _describe(exc))
         old, self._client = self._client, new
-        log.warning("Nacos client to %s replaced: %d registrations and %d subscriptions carried over",
+        log.warning("Nacos client to %s replaced; carried over: instances %d, subscriptions %d",
                     self.server_addresses, len(registered), len(subscriptions))
         await _quietly(old.shutdown())
 

@@ -34,7 +34,7 @@ class RefreshTask(Task):
         expires = maybe_iso8601(expires) if isinstance(expires, str) else expires
         if expires is not None and self.app.now() + timedelta(seconds=kwargs.get("countdown") or 0) >= expires:
             log.info("refresh %s dropped: a retry would run after it expires (%s); the next refresh is due",
-                     self.request.id, kwargs.get("exc") or "Nacos unreachable")
+                     self.request.id, kwargs.get("exc"))
             raise Ignore()
         kwargs.setdefault("queue", runtime.current().control_queue)
         return super().retry(*args, **kwargs)

@@ -163,5 +163,5 @@ def test_a_client_that_no_longer_reconnects_is_replaced_keeping_its_instance_and
           f"(reconnect_after=2 s)")
     replaced = [r.getMessage() for r in caplog.records if "replaced" in r.getMessage()]
     assert len(replaced) == 2, replaced
-    assert "1 registrations and 0 subscriptions" in " ".join(replaced)
-    assert "0 registrations and 1 subscriptions" in " ".join(replaced)
+    assert "instances 1, subscriptions 0" in " ".join(replaced)  # the owner
+    assert "instances 0, subscriptions 1" in " ".join(replaced)  # the watcher
