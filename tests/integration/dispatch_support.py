@@ -67,12 +67,17 @@ def start_dispatcher(service: str, processes: list, env: dict[str, str] | None =
 
 
 def start_gpus(service: str, processes: list, tenants: list[str], *, concurrency: int = 2,
-               env: dict[str, str] | None = None, beat: bool = True) -> list[CeleryProcess]:
-    """One simulated GPU worker per entry of ``tenants`` (GPU 0, 1, ...), and beat refreshing them."""
+               env: dict[str, str] | None = None, env_of: dict[int, dict[str, str]] | None = None,
+               beat: bool = True) -> list[CeleryProcess]:
+    """One simulated GPU worker per entry of ``tenants`` (GPU 0, 1, ...), and beat refreshing them.
+
+    :param env: settings of every GPU worker; ``env_of`` adds to them for the GPUs it names.
+    """
     workers = []
     for gpu, load in enumerate(tenants):
         worker = start_gpu_worker(app, gpu, service, concurrency=concurrency,
-                                  env={**FAST_GPU, "GPU_DISPATCH_SIM_TENANTS": load, **(env or {})})
+                                  env={**FAST_GPU, "GPU_DISPATCH_SIM_TENANTS": load, **(env or {}),
+                                       **(env_of or {}).get(gpu, {})})
         processes.append(worker)
         workers.append(worker)
     if beat:

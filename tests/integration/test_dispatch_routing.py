@@ -140,7 +140,8 @@ def test_with_no_gpu_registered_the_result_fails_with_a_typed_error_after_the_bo
 
     print(f"\nfailed after {waited:.2f} s: {failure.value}")
     assert "no GPU registered" in str(failure.value) and "GPU_DISPATCH_NO_GPU_WAIT" in str(failure.value)
-    assert 2.0 <= waited < 8.0
+    # At least the configured wait; well short of the default one (30 s), with room for a busy machine.
+    assert 2.0 <= waited < 20.0
 
 
 def test_an_unknown_model_fails_with_the_reason_each_gpu_was_dropped(
