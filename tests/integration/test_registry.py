@@ -162,6 +162,6 @@ def test_a_client_that_no_longer_reconnects_is_replaced_keeping_its_instance_and
     print(f"both clients replaced and working {time.monotonic() - restarted_at:.1f} s after the restart "
           f"(reconnect_after=2 s)")
     replaced = [r.getMessage() for r in caplog.records if "replaced" in r.getMessage()]
-    assert len(replaced) == 2, replaced
+    assert len(replaced) >= 2, replaced  # one each; a second time if calls still failed just after the swap
     assert "instances 1, subscriptions 0" in " ".join(replaced)  # the owner
     assert "instances 0, subscriptions 1" in " ".join(replaced)  # the watcher
