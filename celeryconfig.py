@@ -15,6 +15,7 @@ that names the variable, e.g.::
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -54,6 +55,8 @@ def _declare(env: str, default: Any, unit: str, meaning: str, parse: Callable[[s
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
         value = kind(raw)
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
         if value <= 0:
             raise ValueError("must be greater than 0")
         return value
@@ -90,7 +93,23 @@ worker_send_task_events = True
 task_send_sent_event = True
 task_track_started = True
 
+# Outlive a Redis restart (docs/reliability.md): never give up reconnecting; retry storing a result
+# while Redis is away (a threads-pool worker that cannot store one would otherwise hold the request
+# unacknowledged for ever); and let a publish wait out a short outage before delay() fails.
 broker_connection_retry_on_startup = True
+broker_connection_retry = True
+broker_connection_max_retries = None
+result_backend_always_retry = True
+result_backend_max_retries = 30
+result_backend_max_sleep_between_retries_ms = 2000
+redis_backend_health_check_interval = 10
+redis_socket_connect_timeout = 5
+task_publish_retry_policy = {"max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+#: Celery's consumer, setting aside in the dead-letter list what it cannot run (gpu_dispatch/consumer.py).
+worker_consumer = "gpu_dispatch.consumer:Consumer"
+#: kombu's Redis transport with two faults worked around (gpu_dispatch/transport.py).
+broker_transport = ("gpu_dispatch.transport:SentinelTransport" if broker_url.startswith("sentinel://")
+                    else "gpu_dispatch.transport:Transport")
 
 # --- Nacos (the live registry of GPUs) --------------------------------------
 
@@ -172,6 +191,14 @@ sim_seed = _declare(
 sim_ms_per_token = _declare(
     "GPU_DISPATCH_SIM_MS_PER_TOKEN", 2.0, "milliseconds",
     "simulated decode time per token on an idle GPU (slower as the GPU fills)", _positive(float))
+lease_seconds = _declare(
+    "GPU_DISPATCH_LEASE_SECONDS", 3.0, "seconds",
+    "a GPU worker's lease in the broker, renewed every third of it; a worker silent this long (killed, hung, "
+    "cut off) is treated as gone and the requests it held are re-dispatched", _positive(float))
+broker_outage_seconds = _declare(
+    "GPU_DISPATCH_BROKER_OUTAGE_SECONDS", 120.0, "seconds",
+    "how long a GPU worker keeps retrying a ledger write while the broker's Redis does not answer",
+    _positive(float))
 request_memory_mb = _declare(
     "GPU_DISPATCH_REQUEST_MEMORY_MB", 2048, "MiB",
     "GPU memory a request is taken to need when it does not say memory_mb: dispatchers skip GPUs it would "
@@ -232,6 +259,9 @@ dispatch_profile = _declare(
 max_prompt_bytes = _declare(
     "GPU_DISPATCH_MAX_PROMPT_BYTES", 1048576, "bytes",
     "largest prompt dispatch_inference accepts, UTF-8 encoded; a larger one is refused at delay()", _positive(int))
+max_tokens = _declare(
+    "GPU_DISPATCH_MAX_TOKENS", 8192, "tokens",
+    "largest max_tokens dispatch_inference accepts; a larger one is refused at delay()", _positive(int))
 max_reading_age = _declare(
     "GPU_DISPATCH_MAX_READING_AGE", 15.0, "seconds",
     "a GPU whose metadata reading is older than this gets no work (keep it above twice "
@@ -253,9 +283,9 @@ queue_depth_interval = _declare(
     "period at which the dispatcher counts each GPU queue's waiting messages (one pipelined LLEN)",
     _positive(float))
 rescue_interval = _declare(
-    "GPU_DISPATCH_RESCUE_INTERVAL", 2.0, "seconds",
-    "period at which the dispatcher worker looks for GPU queues whose instance left Nacos and re-dispatches "
-    "their messages", _positive(float))
+    "GPU_DISPATCH_RESCUE_INTERVAL", 1.0, "seconds",
+    "period of the dispatcher worker's recovery sweep over the request ledger (re-dispatch of what dead, "
+    "hung or departed GPU workers held)", _positive(float))
 dispatch_stall_seconds = _declare(
     "GPU_DISPATCH_DISPATCH_STALL_SECONDS", 10.0, "seconds",
     "a dispatch message held unacknowledged this long past its ETA, by no node that answers, is put back "
@@ -263,6 +293,9 @@ dispatch_stall_seconds = _declare(
 metrics_port = _declare(
     "GPU_DISPATCH_METRICS_PORT", 9808, "TCP port",
     "where a dispatcher worker serves Prometheus metrics (/metrics); 0 turns it off", _port_or_zero)
+metrics_address = _declare(
+    "GPU_DISPATCH_METRICS_ADDRESS", "127.0.0.1", "IP address",
+    "address the dispatcher worker's metrics listen on; loopback unless you open it (e.g. 0.0.0.0)")
 
 # dispatch_inference goes to the dispatch queue unless the producer path sends run_inference
 # straight to a GPU queue; run_inference is always sent with the chosen GPU's queue.

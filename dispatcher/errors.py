@@ -32,3 +32,7 @@ class NoGpuAvailable(NoEligibleGpu):
     def __init__(self, message: str, reasons: Mapping[str, str] | None = None) -> None:
         Exception.__init__(self, message)
         self.reasons = dict(reasons or {})
+
+
+class InferenceTimeLimitExceeded(RuntimeError):
+    """The inference ran longer than ``GPU_DISPATCH_MAX_INFERENCE_SECONDS``; its late result is discarded."""

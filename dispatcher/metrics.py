@@ -2,8 +2,8 @@
 
 Counted in every process that dispatches (an app on the producer path, a
 dispatcher worker); served over HTTP by the dispatcher worker on
-``GPU_DISPATCH_METRICS_PORT`` (``/metrics``).  Gauges per GPU are labelled
-with the instance key ``ip:port``.
+``GPU_DISPATCH_METRICS_ADDRESS``:``GPU_DISPATCH_METRICS_PORT`` (``/metrics``).
+Gauges per GPU are labelled with its queue (``gpu.<ip>.<port>``).
 """
 
 from __future__ import annotations
@@ -20,14 +20,23 @@ NO_GPU_FAILURES = Counter("gpu_dispatch_no_gpu_failures_total",
 #: Producer-path calls handed to the central dispatcher (no view yet, or no eligible GPU).
 HANDED_TO_CENTRAL = Counter("gpu_dispatch_handed_to_central_total",
                             "Producer-path requests sent to the dispatch queue instead", ["reason"])
-#: Messages moved out of orphaned GPU queues, by kind: queued (waiting in the list) or
-#: unacked (taken by a worker that died before acknowledging).
-RESCUED = Counter("gpu_dispatch_rescued_total", "Messages rescued from orphaned GPU queues", ["kind"])
+#: Requests re-dispatched by recovery, by why: the worker holding it is gone (``holder``), its
+#: queue has no live owner (``ownerless``), it vanished in transit (``lost``), the worker refused it.
+RECOVERED = Counter("gpu_dispatch_recovered_total", "Requests re-dispatched by the ledger's recovery", ["reason"])
+#: Requests recovery ended with an error on their AsyncResult, by why (``time_limit``, ``no_gpu``).
+ENDED = Counter("gpu_dispatch_recovery_failed_total", "Requests recovery answered with an error", ["reason"])
+#: Messages of a dead dispatcher worker put back on (or dropped from) the dispatch queue.
+RESCUED = Counter("gpu_dispatch_rescued_total", "dispatch messages of a dead dispatcher handled", ["kind"])
 #: Age of each GPU's last metadata reading, seconds.
 READING_AGE = Gauge("gpu_dispatch_reading_age_seconds", "Age of each GPU's last metadata reading", ["gpu"])
-#: Messages waiting in each GPU's queue at the last count.
-QUEUE_DEPTH = Gauge("gpu_dispatch_queue_depth", "Messages waiting in each GPU's broker queue", ["gpu"])
+#: Requests waiting for each GPU (sent, not running yet), as the ledger counts them.
+QUEUE_DEPTH = Gauge("gpu_dispatch_queue_depth", "Requests waiting for each GPU (ledger)", ["gpu"])
+#: Requests running on each GPU, as the ledger counts them.
+RUNNING = Gauge("gpu_dispatch_running", "Requests running on each GPU (ledger)", ["gpu"])
 #: Seconds since the dispatcher's view last heard from Nacos (list or push).
 VIEW_AGE = Gauge("gpu_dispatch_view_age_seconds", "Seconds since the registry view last heard from Nacos")
-#: Instances in the service whose metadata is unusable.
-MALFORMED = Gauge("gpu_dispatch_malformed_instances", "Instances skipped for malformed metadata")
+#: Seconds Nacos has been unreachable (0 while it answers).
+REGISTRY_OUTAGE = Gauge("gpu_dispatch_registry_outage_seconds", "Seconds Nacos has not answered (0: it answers)")
+#: What became of the registry's entries, by kind (see dispatcher.trust.Verdict.kind).
+VERDICT_KINDS = ("trusted", "drained", "unhealthy", "unclaimed", "forged", "malformed", "schema", "queue")
+INSTANCES = Gauge("gpu_dispatch_instances", "Registry entries by verdict (trusted, or why excluded)", ["verdict"])

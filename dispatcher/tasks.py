@@ -2,61 +2,90 @@
 
 One request, from ``dispatch_inference.delay(prompt, **options)`` to the result:
 
-1. :meth:`DispatchTask.apply_async` (``delay`` calls it) checks the prompt and
-   options in the caller's process (:mod:`dispatcher.request`); a bad call
-   raises :class:`~dispatcher.errors.InvalidRequest` and nothing is queued.
-2. **Producer path** (``GPU_DISPATCH_DISPATCH_MODE=producer``, the default):
-   the caller's own :class:`~dispatcher.view.RegistryView` picks the GPU and
-   ``run_inference`` is published straight to that GPU's queue with the task
-   id the caller holds — one hop, as cheap as a plain ``apply_async``.  When
-   the caller's view has not heard from Nacos yet, or no GPU is eligible now,
-   the request takes the central path instead: waiting for a GPU is the
-   dispatcher worker's job, and the request then waits in Redis, not in the
-   caller's memory.
-3. **Central path** (``GPU_DISPATCH_DISPATCH_MODE=central``, and the
-   producer path's hand-over): ``dispatch_inference`` is queued on
-   ``dispatch``; a dispatcher worker (``celery -A gpu_dispatch worker -Q
-   dispatch -P threads``) picks the GPU and forwards ``run_inference`` there
-   under the same task id, storing nothing itself
-   (:meth:`DispatchTask.forward`; a request with callbacks, chains or chords
-   goes through :meth:`celery.app.task.Task.replace` instead), so the
-   caller's ``AsyncResult`` resolves to ``run_inference``'s result.  No eligible GPU: Celery's retry
-   with exponential backoff, for at most ``GPU_DISPATCH_NO_GPU_WAIT``
-   seconds; then the result fails with
-   :class:`~dispatcher.errors.NoGpuAvailable` listing why each GPU was dropped.
+1. :meth:`DispatchTask.apply_async` (``delay`` calls it) checks the call in
+   the caller's process (:mod:`dispatcher.request`); a bad call raises
+   :class:`~dispatcher.errors.InvalidRequest` and nothing is queued.
+2. **Producer path** (the default): this process's view picks the GPU,
+   :func:`hand_on` records the request in the ledger and publishes
+   ``run_inference`` to that GPU's queue under the caller's task id — one hop.
+   No view yet, no eligible GPU, or Celery canvas options: the central path.
+3. **Central path**: ``dispatch_inference`` waits on ``dispatch`` for a
+   dispatcher worker, which picks the GPU and hands it on the same way (or
+   retries with backoff for ``GPU_DISPATCH_NO_GPU_WAIT`` s, then fails with
+   :class:`~dispatcher.errors.NoGpuAvailable`).
 
-Either way the caller's ``AsyncResult.get()`` is the inference result itself.
-A dispatcher worker also runs the orphan rescue (:mod:`dispatcher.rescue`:
-orphaned GPU queues, and ``dispatch`` messages a dead dispatcher worker held)
-and serves the Prometheus metrics (:mod:`dispatcher.metrics`).
+Either way the caller's ``AsyncResult`` is ``run_inference``'s; the ledger
+then follows the request to its stored outcome (``docs/dispatcher.md``).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
+import redis
 from celery import Task
-from celery.worker.request import Request
-from celery.signals import worker_ready, worker_shutdown
 from celery.utils import uuid
 from celery.utils.time import get_exponential_backoff_interval
-from prometheus_client import start_http_server
+from celery.worker.request import Request as WorkerRequest
 
 from dispatcher import metrics, view as views
-from dispatcher.errors import NoGpuAvailable
+from dispatcher.errors import InvalidRequest, NoGpuAvailable
 from dispatcher.request import check, scoring_request
 from gpu_dispatch.celery import app
-from gpu_dispatch.contract import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_TASK
-from scoring import NoEligibleGpu
+from gpu_dispatch.contract import ATTEMPT_HEADER, DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_TASK
+from scoring import NoEligibleGpu, Request
 
 log = logging.getLogger(__name__)
 
 #: apply_async options that mean Celery's own canvas machinery is involved (callbacks, chains,
 #: chords, retries): those calls take the central path, where Task.replace carries them over.
 _CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id", "retries")
-#: Routing options the dispatcher decides itself.
-_ROUTING_OPTIONS = ("queue", "exchange", "routing_key")
+
+
+def hand_on(view: views.RegistryView, task_id: str, prompt: str, options: dict[str, Any], request: Request, *,
+            path: str, parent_id: str | None = None, root_id: str | None = None) -> str | None:
+    """Pick the GPU for a request, record it in the ledger, publish ``run_inference`` there.
+
+    The one way a request reaches a GPU the first time (producer and central
+    path).  Returns the queue, or ``None`` when the ledger already holds this
+    task id (a second ``dispatch`` delivery of a request a dead dispatcher had
+    already handed on: it is not sent again).
+
+    :raises NoEligibleGpu: no GPU can take it now.
+    """
+    decision = view.choose(request, task_id, path=path)
+    queue = decision.chosen.state.queue
+    message = {"args": [prompt], "kwargs": options, "parent_id": parent_id, "root_id": root_id}
+    if not _wait_out_outage(lambda: view.ledger.dispatch(task_id, queue, request.memory_mb, message, path)):
+        log.warning("task %s is already in the ledger: handed on before (by a dispatcher that died before "
+                    "acknowledging); not sent again", task_id)
+        return None
+    view.sent(queue, request.memory_mb)
+    app.send_task(INFERENCE_TASK, args=(prompt,), kwargs=options, task_id=task_id, queue=queue,
+                  parent_id=parent_id, root_id=root_id or task_id, headers={ATTEMPT_HEADER: 1})
+    return queue
+
+
+#: Seconds a caller's delay() waits for an unreachable broker before it raises (as Celery's own
+#: publish does with celeryconfig.task_publish_retry_policy).
+PUBLISH_OUTAGE_S = 10.0
+
+
+def _wait_out_outage(call):
+    """``call()``, retried while the broker's Redis does not answer, for :data:`PUBLISH_OUTAGE_S`."""
+    deadline = time.monotonic() + PUBLISH_OUTAGE_S
+    wait = 0.1
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() + wait > deadline:
+                raise
+            time.sleep(wait)
+            wait = min(wait * 2, 1.0)
 
 
 def _split(args: tuple | list | None, kwargs: dict | None) -> tuple[str, dict[str, Any]]:
@@ -66,22 +95,24 @@ def _split(args: tuple | list | None, kwargs: dict | None) -> tuple[str, dict[st
     return prompt, {k: v for k, v in kwargs.items() if v is not None}
 
 
-#: Start of what ``dispatch_inference`` returns when it has forwarded the request (never stored).
-FORWARDED = "forwarded to"
+#: Task ids this dispatcher worker has handed on and whose ``task-succeeded`` event it drops.
+_handed_on: set[str] = set()
+_handed_on_lock = threading.Lock()
 
 
-class DispatchRequest(Request):
-    """The dispatcher worker's request of ``dispatch_inference``: no ``task-succeeded`` event for a forward.
+class DispatchRequest(WorkerRequest):
+    """The dispatcher worker's request of ``dispatch_inference``: no ``task-succeeded`` event for a hand-on.
 
-    A forwarded request has not succeeded: ``run_inference``, under the same
-    task id, is just starting.  Its events (``task-sent`` from the dispatcher,
-    then ``task-received``/``-started``/``-succeeded`` from the GPU worker)
-    tell Flower the rest, as after ``Task.replace``.
+    A request handed on has not succeeded: ``run_inference``, under the same
+    task id, is just starting; its own events tell Flower the rest.
     """
 
     def send_event(self, type: str, **fields: Any) -> None:
-        if type == "task-succeeded" and FORWARDED in str(fields.get("result", ""))[:len(FORWARDED) + 2]:
-            return
+        if type == "task-succeeded":
+            with _handed_on_lock:
+                if self.id in _handed_on:
+                    _handed_on.discard(self.id)
+                    return
         super().send_event(type, **fields)
 
 
@@ -90,59 +121,41 @@ class DispatchTask(Task):
 
     Request = DispatchRequest
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:  # dispatch_inference(...) in an app: what delay().get() does
+            return self.apply_async(args, kwargs).get(timeout=self.app.conf.max_inference_seconds
+                                                      + self.app.conf.no_gpu_wait)
+        return super().__call__(*args, **kwargs)
+
     def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None, link_error=None,
                     shadow=None, **options):
         conf = self.app.conf
-        request = check(args, kwargs, conf.max_prompt_bytes, conf.request_memory_mb)
+        request = check(args, kwargs, options, conf)
         if link is not None or link_error is not None or any(options.get(o) is not None for o in _CANVAS_OPTIONS):
-            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
+                                       **{**options, "queue": DISPATCH_QUEUE})
         if conf.dispatch_mode == "producer":
-            result = self._send_to_gpu(args, kwargs, request, task_id, producer, options)
-            if result is not None:
-                return result
+            task_id = task_id or uuid()
+            if self._send_to_gpu(args, kwargs, request, task_id):
+                return self.AsyncResult(task_id)
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
                                    **{**options, "queue": DISPATCH_QUEUE})
 
-    def _send_to_gpu(self, args, kwargs, request, task_id, producer, options):
-        """Publish run_inference to the GPU this process's view picks; ``None`` to hand over to the central path."""
+    def _send_to_gpu(self, args, kwargs, request: Request, task_id: str) -> bool:
+        """Hand the request on from this process's view; ``False`` to hand over to the central path."""
         view = views.current_view(self.app)
         if view is None:
             metrics.HANDED_TO_CENTRAL.labels("no view").inc()
             log.info("no view of the GPUs yet (Nacos has not answered): request goes to the dispatch queue")
-            return None
+            return False
         prompt, inference_options = _split(args, kwargs)
-        task_id = task_id or uuid()
         try:
-            decision = view.choose(request, task_id, path="producer")
+            return hand_on(view, task_id, prompt, inference_options, request, path="producer") is not None \
+                or _already_known(task_id)
         except NoEligibleGpu as exc:
             metrics.HANDED_TO_CENTRAL.labels("no eligible GPU").inc()
             log.info("task %s: %s; it waits for a GPU on the dispatch queue", task_id, exc)
-            return None
-        for name in _ROUTING_OPTIONS:
-            options.pop(name, None)
-        return self.app.send_task(INFERENCE_TASK, args=(prompt,), kwargs=inference_options, task_id=task_id,
-                                  producer=producer, queue=decision.chosen.state.queue, **options)
-
-    def forward(self, prompt: str, inference_options: dict[str, Any], queue: str) -> str:
-        """Hand the request on to ``queue`` as ``run_inference`` with this task's id.
-
-        What :meth:`~celery.app.task.Task.replace` does underneath, minus its
-        canvas bookkeeping and its exception (only requests without callbacks,
-        chains or chords come here): publish ``run_inference`` under the
-        caller's task id, then end this task *storing nothing* (the request's
-        ``ignore_result`` is set), so the caller's ``AsyncResult`` resolves to
-        ``run_inference``'s result.  ``Task.replace`` ends with
-        :class:`~celery.exceptions.Ignore`, whose two tracebacks Celery formats
-        on every call; returning costs nothing.  The ``task-succeeded`` event
-        this return would send is dropped by :class:`DispatchRequest` (it would
-        tell Flower the request had finished).  The ``dispatch`` message is
-        acked (late ack) only after this returns, so after the publish.
-        """
-        request = self.request
-        self.app.send_task(INFERENCE_TASK, args=(prompt,), kwargs=inference_options, task_id=request.id,
-                           queue=queue, parent_id=request.parent_id, root_id=request.root_id or request.id)
-        request.ignore_result = True  # read when the trace stores the outcome: nothing is stored
-        return f"{FORWARDED} {queue}"
+            return False
 
     def wait_for_gpu(self, exc: NoEligibleGpu) -> None:
         """Retry later with exponential backoff, or fail with :class:`NoGpuAvailable` once the wait is spent."""
@@ -160,6 +173,11 @@ class DispatchTask(Task):
         metrics.RETRIES.inc()
         log.info("task %s: %s; retry %d in %.2f s", self.request.id, exc, retries + 1, countdown)
         raise self.retry(countdown=countdown)
+
+
+def _already_known(task_id: str) -> bool:
+    raise InvalidRequest(f"task id {task_id!r} is already in use by another request; pass a new task_id "
+                         "(or none: one is made for you)")
 
 
 def _uses_canvas(request: Any) -> bool:
@@ -184,55 +202,34 @@ def dispatch_inference(self: DispatchTask, prompt: str, **options: Any) -> Any:
     """Run ``prompt`` on the GPU the scoring picks; the result is ``run_inference``'s.
 
     Options: ``model`` (the model needed; ``None``: any), ``max_tokens``,
-    ``memory_mb`` (estimated GPU memory, used to filter GPUs it would not fit
-    on); others go to the backend unchanged.  See the module docstring for
-    the two paths and what happens when no GPU is eligible.
+    ``memory_mb`` (estimated GPU memory); others go to the backend unchanged.
+    See the module docstring for the two paths and what happens when no GPU
+    is eligible.
     """
     inference_options = {k: v for k, v in options.items() if v is not None}
     view = views.current_view(self.app)
     request = scoring_request(inference_options, self.app.conf.request_memory_mb)
+    context = self.request
     try:
         if view is None:
             raise NoEligibleGpu({}, f"{request.describe()}; Nacos at {self.app.conf.nacos_server_addresses} "
                                     "has not answered this dispatcher yet")
-        decision = view.choose(request, self.request.id, path="central")
+        if _uses_canvas(context):
+            decision = view.choose(request, context.id, path="central")
+            queue = decision.chosen.state.queue
+            message = {"args": [prompt], "kwargs": inference_options, "parent_id": context.parent_id,
+                       "root_id": context.root_id}
+            if view.ledger.dispatch(context.id, queue, request.memory_mb, message, "central"):
+                view.sent(queue, request.memory_mb)
+            return self.replace(self.app.signature(INFERENCE_TASK, args=(prompt,), kwargs=inference_options,
+                                                   queue=queue, headers={ATTEMPT_HEADER: 1}))
+        hand_on(view, context.id, prompt, inference_options, request, path="central",
+                parent_id=context.parent_id, root_id=context.root_id)
     except NoEligibleGpu as exc:
         return self.wait_for_gpu(exc)
-    queue = decision.chosen.state.queue
-    if _uses_canvas(self.request):
-        return self.replace(self.app.signature(INFERENCE_TASK, args=(prompt,), kwargs=inference_options,
-                                               queue=queue))
-    return self.forward(prompt, inference_options, queue)
-
-
-# -- the dispatcher worker: a worker that consumes the dispatch queue ---------------------
-
-_rescue = None
-
-
-@worker_ready.connect
-def _start_dispatcher(sender: Any = None, **_: Any) -> None:
-    if DISPATCH_QUEUE not in sender.app.amqp.queues.consume_from:
-        return
-    global _rescue
-    from dispatcher.rescue import OrphanRescue
-
-    conf = sender.app.conf
-    view = views.process_view(sender.app)  # started now, not at the first request
-    if conf.metrics_port:
-        try:
-            start_http_server(conf.metrics_port)
-            log.info("dispatcher metrics on http://0.0.0.0:%d/metrics", conf.metrics_port)
-        except OSError as exc:
-            log.error("cannot serve metrics on port %d (GPU_DISPATCH_METRICS_PORT): %s", conf.metrics_port, exc)
-    _rescue = OrphanRescue(sender.app, view).start()
-    log.info("dispatcher ready: profile %s, orphan rescue every %g s", conf.dispatch_profile, conf.rescue_interval)
-
-
-@worker_shutdown.connect
-def _stop_dispatcher(**_: Any) -> None:
-    global _rescue
-    if _rescue is not None:
-        _rescue.stop()
-        _rescue = None
-    views.close_views()
+    # Handed on: store nothing under this task id (run_inference's result will be stored there) and
+    # send no task-succeeded event (it has not succeeded: DispatchRequest).
+    context.ignore_result = True
+    with _handed_on_lock:
+        _handed_on.add(context.id)
+    return None

@@ -1,26 +1,19 @@
-"""The dispatcher's live view of the GPUs: Nacos instances plus what only the dispatcher knows.
+"""The dispatcher's live view of the GPUs: Nacos membership, broker-side proof and reading, ledger load.
 
 One :class:`RegistryView` per process that dispatches (an app on the producer
-path, a dispatcher worker).  It holds:
+path, a dispatcher worker).  Two daemon threads keep it current, so
+:meth:`RegistryView.choose` only reads memory under a lock:
 
-- every instance of the service, parsed with :func:`scoring.parse_instance`
-  (a malformed one is kept aside with its reason, logged once, never used);
-  kept current by the Nacos **push** subscription and **reconciled** by a full
-  list every ``GPU_DISPATCH_RECONCILE_INTERVAL`` seconds;
-- the age of every reading (metadata ``updated_at``) and of the view itself
-  (when Nacos was last heard from); if Nacos becomes unreachable the last view
-  stays in force and its readings age — the scoring's freshness filter then
-  decides how long they are trusted;
-- per GPU, the requests this process sent since that GPU's last reading
-  (reset when a newer ``updated_at`` arrives);
-- per GPU, the depth of its broker queue: one pipelined ``LLEN`` for all
-  queues every ``GPU_DISPATCH_QUEUE_DEPTH_INTERVAL`` seconds, by a background
-  thread — never on the dispatch path.
+- **registry**: the service's instances from Nacos — push subscription, and
+  a full list every ``GPU_DISPATCH_RECONCILE_INTERVAL`` s;
+- **broker**: every ``GPU_DISPATCH_QUEUE_DEPTH_INTERVAL`` s, one pass over
+  the broker for the claims of those instances, the owners of the queues
+  they name and the ledger's load of each (:func:`dispatcher.trust.vet`
+  decides which entries are trusted, and their reading is the claim's).
 
-Two daemon threads do the I/O (registry, queue depths); :meth:`choose` only
-reads memory under a lock, so a dispatch costs a scoring decision and nothing
-more.  Build one with :meth:`RegistryView.from_config`; the process-wide view
-is :func:`current_view`.
+Between two passes, what this process itself sent is added to the load, so a
+burst from one process is seen at once.  ``docs/dispatcher.md`` ("The
+registry view") says what happens when Nacos or Redis is unreachable.
 """
 
 from __future__ import annotations
@@ -30,16 +23,18 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable
 
 import redis
 
 from dispatcher import metrics
-from gpu_dispatch.contract import gpu_queue
+from dispatcher.trust import Verdict, vet
+from gpu_dispatch import broker as brokers, ownership
+from gpu_dispatch.ledger import Ledger, Load, ledger_mb
 from gpu_dispatch.registry import Instance, Registry
 from gpu_dispatch.settings import getter
-from scoring import (Candidate, Decision, GpuState, MalformedMetadata, NoEligibleGpu, Profile, Request,
-                     choose, get_profile, parse_instance)
+from scoring import Candidate, Decision, NoEligibleGpu, Profile, Request, choose, get_profile
 
 log = logging.getLogger(__name__)
 
@@ -52,34 +47,43 @@ class RegistryView:
 
     :param registry_factory: builds the :class:`~gpu_dispatch.registry.Registry`
         (called on the view's thread, again after a failure).
-    :param broker: Redis client of the broker, for queue depths.
+    :param broker: Redis client of the broker (claims, ledger).
     :param profile: the scoring profile decisions use.
     :param reconcile_interval: seconds between full lists from Nacos.
-    :param queue_depth_interval: seconds between counts of the GPU queues.
+    :param poll_interval: seconds between passes over the broker.
     :param service: the service's name, for messages.
     :param rng: randomness of the pick; a seeded ``random.Random`` reproduces a run.
+    :param registry_outage_after: seconds without an answer from Nacos after which it counts as
+        unreachable: workers then prove themselves through the broker alone.
     """
 
     def __init__(self, *, registry_factory: Callable[[], Registry], broker: redis.Redis, profile: Profile,
-                 reconcile_interval: float, queue_depth_interval: float, service: str,
-                 rng: random.Random | None = None) -> None:
+                 reconcile_interval: float, poll_interval: float, service: str,
+                 rng: random.Random | None = None, registry_outage_after: float | None = None) -> None:
         self.profile = profile
         self.service = service
         self._registry_factory = registry_factory
-        self._broker = broker
+        self.broker = broker
+        self.ledger = Ledger(broker)
         self._reconcile_interval = reconcile_interval
-        self._depth_interval = queue_depth_interval
+        self._poll_interval = poll_interval
+        self._outage_after = registry_outage_after or 3 * reconcile_interval
         self._rng = rng
         self._lock = threading.Lock()
-        self._states: dict[str, GpuState] = {}
-        self._sent: dict[str, list[float]] = {}  # key -> [requests, memory MB] since the reading
-        self._depths: dict[str, int] = {}
-        self._present_queues: frozenset[str] = frozenset()
-        self._workers: dict[str, str] = {}  # queue -> Celery node, kept after the instance leaves
-        self._malformed: dict[str, str] = {}
-        self._heard_at: float | None = None  # time.time() of the last list or push
+        self._entries: list[Instance] = []
+        self._verdicts: list[Verdict] = []
+        self._loads: dict[str, Load] = {}
+        self._candidates: list[Candidate] = []
+        self._local: dict[str, list[tuple[float, int]]] = {}  # queue -> [(time, MB)] sent since the last pass
+        self._heard_at: float | None = None  # time.time() of the last list or push from Nacos
+        self._started_at = time.time()
+        self._unreachable_since: float | None = None
+        self._polled_at: float | None = None
+        self._logged: dict[str, str] = {}  # instance -> reason last logged
         self._registry: Registry | None = None
         self._stop = threading.Event()
+        self._changed = threading.Event()
+        self._nacos_ready = threading.Event()
         self.ready = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -88,145 +92,183 @@ class RegistryView:
         """A view built from the settings (``app.conf``, or a mapping of them); ``overrides`` replace settings."""
         get = getter(conf, **overrides)
         return cls(registry_factory=lambda: Registry.from_config(conf, **overrides),
-                   broker=redis.Redis.from_url(get("broker_url")),
+                   broker=brokers.client(get("broker_url"), get("broker_transport_options")),
                    profile=get_profile(get("dispatch_profile"), get("max_reading_age")),
-                   reconcile_interval=get("reconcile_interval"),
-                   queue_depth_interval=get("queue_depth_interval"),
+                   reconcile_interval=get("reconcile_interval"), poll_interval=get("queue_depth_interval"),
                    service=get("nacos_service"), rng=overrides.get("rng"))
 
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> "RegistryView":
-        """Start the registry and queue-depth threads; returns at once (see :attr:`ready`)."""
+        """Start the registry and broker threads; returns at once (see :attr:`ready`)."""
         for target, name in ((self._follow_registry, "gpu-dispatch-view"),
-                             (self._count_queues, "gpu-dispatch-queue-depth")):
+                             (self._follow_broker, "gpu-dispatch-broker-view")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
 
+    def open_registry(self) -> Registry:
+        """The view's Nacos client, opened now if it is not yet (a view used without its threads: status)."""
+        if self._registry is None:
+            self._registry = self._registry_factory()
+        return self._registry
+
     def close(self) -> None:
         """Stop the threads and close the Nacos client.  Safe to call twice."""
         self._stop.set()
+        self._changed.set()
         for thread in self._threads:
             thread.join(5)
         registry, self._registry = self._registry, None
         if registry is not None:
             registry.close()
-        self._broker.close()
+        self.broker.close()
 
     # -- decisions -----------------------------------------------------------------
 
     def candidates(self) -> list[Candidate]:
-        """Every parsed GPU with this process's counts and the last queue depths."""
+        """Every trusted GPU with its load: the ledger's at the last pass, plus what this process sent since."""
         with self._lock:
-            return self._candidates()
+            return self._with_local()
 
-    def _candidates(self) -> list[Candidate]:
-        sent, depths = self._sent, self._depths
+    def _with_local(self) -> list[Candidate]:
+        local = self._local
+        if not local:
+            return list(self._candidates)
         out = []
-        for key, state in self._states.items():
-            counts = sent.get(key)
-            out.append(Candidate(state, int(counts[0]), counts[1], depths.get(state.queue)) if counts
-                       else Candidate(state, 0, 0.0, depths.get(state.queue)))
+        for c in self._candidates:
+            sent = local.get(c.state.queue)
+            if sent:
+                c = Candidate(c.state, c.queued + len(sent), c.queued_mb + sum(mb for _, mb in sent), c.running,
+                              c.running_mb)
+            out.append(c)
         return out
 
     def choose(self, request: Request, task_id: str = "", *, path: str) -> Decision:
-        """Pick the GPU for ``request`` and count the send to it.
+        """Pick the GPU for ``request`` (call :meth:`sent` once it is recorded in the ledger).
 
         :param task_id: the request's task id, for the decision's log line.
-        :param path: ``producer``, ``central`` or ``rescue``, for the decision counter.
+        :param path: ``producer``, ``central`` or ``recovery``, for the decision counter.
         :raises NoEligibleGpu: when no GPU can take it; the message lists why.
         """
         now_ms = int(time.time() * 1000)
         with self._lock:
-            candidates = self._candidates()
-            try:
-                decision = choose(candidates, request, profile=self.profile, rng=self._rng, now_ms=now_ms)
-            except NoEligibleGpu as exc:
-                if not candidates and self._malformed:
-                    raise NoEligibleGpu(dict(self._malformed), request.describe()) from exc
-                if not candidates:
-                    raise NoEligibleGpu({}, f"{request.describe()}; service {self.service!r}") from exc
-                raise
-            chosen = decision.chosen.state
-            counts = self._sent.setdefault(chosen.key, [0, 0.0])
-            counts[0] += 1
-            counts[1] += request.memory_mb
-        metrics.DECISIONS.labels(chosen.key, path).inc()
+            candidates = self._with_local()
+            excluded = {v.instance: v.reason for v in self._verdicts if v.reason}
+        try:
+            decision = choose(candidates, request, profile=self.profile, rng=self._rng, now_ms=now_ms)
+        except NoEligibleGpu as exc:
+            if not candidates and excluded:
+                raise NoEligibleGpu(excluded, request.describe()) from exc
+            if not candidates:
+                raise NoEligibleGpu({}, f"{request.describe()}; service {self.service!r}") from exc
+            raise NoEligibleGpu({**exc.reasons, **excluded}, request.describe()) from exc
+        chosen = decision.chosen.state
+        metrics.DECISIONS.labels(chosen.queue, path).inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s → %s (queue %s) by profile %s; candidates: %s", task_id or "-", chosen.key,
                       chosen.queue, self.profile.name, _rows(decision))
         return decision
 
-    # -- what the orphan rescue asks -------------------------------------------------
+    def sent(self, queue: str, memory_mb: float) -> None:
+        """Count a request this process has just recorded in the ledger for ``queue``, until the next pass."""
+        with self._lock:
+            self._local.setdefault(queue, []).append((time.time(), ledger_mb(memory_mb)))
+
+    # -- what status and recovery ask ---------------------------------------------------
+
+    def verdicts(self) -> list[Verdict]:
+        """Every registry entry with what became of it (trusted, or excluded and why)."""
+        with self._lock:
+            return list(self._verdicts)
+
+    def loads(self) -> dict[str, Load]:
+        with self._lock:
+            return dict(self._loads)
 
     def heard_within(self, seconds: float) -> bool:
-        """Whether Nacos answered (list or push) in the last ``seconds``: the view can be trusted
-        to say which GPUs are gone."""
+        """Whether Nacos answered this view (list or push) in the last ``seconds``."""
         heard = self._heard_at
         return heard is not None and time.time() - heard <= seconds
 
-    def present_queues(self) -> frozenset[str]:
-        """Queues of every instance in the service now, malformed ones included."""
-        return self._present_queues
-
-    def last_worker(self, queue: str) -> str | None:
-        """The Celery node that last published ``queue`` in its metadata, even after it left."""
-        with self._lock:
-            return self._workers.get(queue)
-
-    def malformed(self) -> dict[str, str]:
-        """Instances skipped for malformed metadata, by key, with the reason."""
-        with self._lock:
-            return dict(self._malformed)
+    def registry_outage_s(self) -> float | None:
+        """Seconds Nacos has not answered this view, while it counts as unreachable; else ``None``."""
+        since = self._unreachable_since
+        return None if since is None else time.time() - since
 
     # -- updates -----------------------------------------------------------------------
 
     def apply(self, instances: list[Instance], source: str) -> None:
-        """Replace the view with ``instances`` (a push or a full list: both are the whole service)."""
-        now_ms = int(time.time() * 1000)
-        states: dict[str, GpuState] = {}
-        malformed: dict[str, str] = {}
-        queues = set()
-        workers = {}
-        for instance in instances:
-            queue = instance.metadata.get("queue") or gpu_queue(instance.ip, instance.port)
-            queues.add(queue)
-            if instance.metadata.get("worker"):
-                workers[queue] = instance.metadata["worker"]
-            try:
-                states[instance.key] = parse_instance(instance.ip, instance.port, instance.metadata,
-                                                      healthy=instance.healthy, enabled=instance.enabled,
-                                                      now_ms=now_ms)
-            except MalformedMetadata as exc:
-                malformed[instance.key] = exc.reason
+        """Replace the membership with ``instances`` (a push or a full list: both are the whole service)."""
         with self._lock:
-            for key, reason in malformed.items():
-                if self._malformed.get(key) != reason:
-                    log.warning("skipping instance %s of service %s: %s", key, self.service, reason)
-            for key, state in states.items():
-                old = self._states.get(key)
-                if old is None or (state.updated_at_ms or 0) > (old.updated_at_ms or 0):
-                    self._sent.pop(key, None)  # the new reading includes what we sent before it
-            for key in set(self._states) - set(states):
-                log.info("GPU %s (queue %s) left service %s", key, self._states[key].queue, self.service)
-                self._sent.pop(key, None)
-            for key in set(states) - set(self._states):
-                log.info("GPU %s (queue %s) joined service %s", key, states[key].queue, self.service)
-            self._states = states
-            self._malformed = malformed
-            self._present_queues = frozenset(queues)
-            self._workers.update(workers)
+            before = {i.key for i in self._entries}
+            self._entries = list(instances)
             self._heard_at = time.time()
-        metrics.MALFORMED.set(len(malformed))
+        after = {i.key for i in instances}
+        for key in sorted(after - before):
+            log.info("instance %s joined service %s", key, self.service)
+        for key in sorted(before - after):
+            log.info("instance %s left service %s", key, self.service)
+        self._nacos_ready.set()
+        self._changed.set()  # a pass over the broker now, not at the next tick
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("view of %s from %s: %d GPUs, %d malformed", self.service, source, len(states),
-                      len(malformed))
+            log.debug("view of %s from %s: %d instances", self.service, source, len(instances))
+
+    def refresh(self) -> None:
+        """One pass over the broker: claims, owners and loads; the verdicts and candidates follow."""
+        started = time.time()
+        with self._lock:
+            entries = list(self._entries)
+        outage = self._registry_unreachable(started)
+        ids = sorted({i.key for i in entries})
+        claims = ownership.claims(self.broker, ids)
+        claims_only = ([c for c in ownership.live_claims(self.broker) if c.instance not in claims]
+                       if outage else [])
+        queues = sorted({c.queue for c in claims.values() if c} | {c.queue for c in claims_only})
+        owners = ownership.owners(self.broker, queues)
+        loads = self.ledger.loads(queues)
+        verdicts = vet(entries, claims, owners, int(started * 1000), claims_only=claims_only)
+        candidates = [Candidate(v.state, queued=load.queued, queued_mb=load.queued_mb, running=load.running,
+                                running_mb=load.running_mb)
+                      for v in verdicts if v.state is not None for load in (loads.get(v.state.queue, Load()),)]
+        with self._lock:
+            self._verdicts, self._loads, self._candidates = verdicts, loads, candidates
+            for queue in list(self._local):
+                kept = [s for s in self._local[queue] if s[0] >= started]  # older sends are in these loads
+                if kept:
+                    self._local[queue] = kept
+                else:
+                    del self._local[queue]
+            self._polled_at = time.time()
+        self._log_changes(verdicts)
+        self._export(verdicts, loads, started)
+
+    def _registry_unreachable(self, now: float) -> bool:
+        heard = self._heard_at or self._started_at
+        unreachable = now - heard > self._outage_after
+        if unreachable and self._unreachable_since is None:
+            self._unreachable_since = heard
+            log.warning("Nacos has not answered for %.0f s: GPUs now prove themselves through the broker alone "
+                        "(their leases, claims and readings); dispatch goes on", now - heard)
+        elif not unreachable and self._unreachable_since is not None:
+            log.warning("Nacos answers again after %.1f s", now - self._unreachable_since)
+            self._unreachable_since = None
+        return unreachable
+
+    def _log_changes(self, verdicts: list[Verdict]) -> None:
+        seen = {}
+        for v in verdicts:
+            seen[v.instance] = v.reason or ""
+            if self._logged.get(v.instance) != seen[v.instance]:
+                if v.reason:
+                    log.warning("instance %s of service %s is not used: %s", v.instance, self.service, v.reason)
+                elif v.note:
+                    log.warning("instance %s of service %s: %s", v.instance, self.service, v.note)
+        self._logged = seen
 
     def _follow_registry(self) -> None:
         backoff = 0.5
-        unreachable_since: float | None = None
         while not self._stop.is_set():
             try:
                 if self._registry is None:
@@ -234,55 +276,53 @@ class RegistryView:
                     registry.subscribe(lambda instances: self.apply(instances, "push"))
                     self._registry = registry
                 self.apply(self._registry.list_instances(healthy_only=False), "list")
-                self.ready.set()
-                if unreachable_since is not None:
-                    log.warning("Nacos answers again after %.1f s; view of %s reconciled", time.time()
-                                - unreachable_since, self.service)
-                    unreachable_since = None
                 backoff = 0.5
                 wait = self._reconcile_interval
             except Exception as exc:  # RegistryError, or the SDK failing to connect: keep the last view
-                if unreachable_since is None:
-                    unreachable_since = time.time()
-                    log.warning("Nacos unreachable (%s); dispatching from the last view of %s, whose readings "
-                                "now age", exc, self.service)
+                if self._heard_at is None or time.time() - self._heard_at < self._reconcile_interval * 1.5:
+                    log.warning("Nacos did not answer (%s); dispatching from the last view of %s", exc, self.service)
                 if self._registry is None:
                     wait, backoff = backoff, min(backoff * 2, CONNECT_BACKOFF_MAX)
                 else:
                     wait = min(self._reconcile_interval, CONNECT_BACKOFF_MAX)
             self._stop.wait(wait)
 
-    def _count_queues(self) -> None:
+    def _follow_broker(self) -> None:
         failing = False
-        while not self._stop.wait(self._depth_interval):
-            with self._lock:
-                states = list(self._states.values())
-            if states:
+        while not self._stop.is_set():
+            if self._nacos_ready.is_set() or self._registry_unreachable(time.time()):
                 try:
-                    with self._broker.pipeline(transaction=False) as pipe:
-                        for state in states:
-                            pipe.llen(state.queue)
-                        depths = pipe.execute()
+                    self.refresh()
+                    if failing:
+                        log.warning("broker answers again: view of %s current", self.service)
+                    failing = False
+                    self.ready.set()
                 except redis.RedisError as exc:
                     if not failing:
-                        log.warning("cannot count GPU queues on the broker (%s); scoring on the last counts", exc)
+                        log.warning("cannot read claims and loads from the broker (%s); deciding on the last ones",
+                                    exc)
                     failing = True
-                    continue
-                failing = False
-                with self._lock:
-                    self._depths = {s.queue: d for s, d in zip(states, depths)}
-            self._export(states)
+            self._changed.wait(self._poll_interval)
+            self._changed.clear()
 
-    def _export(self, states: list[GpuState]) -> None:
-        now_ms = int(time.time() * 1000)
-        depths = self._depths
-        for state in states:
-            age = state.age_s(now_ms)
+    def _export(self, verdicts: list[Verdict], loads: dict[str, Load], now: float) -> None:
+        now_ms = int(now * 1000)
+        for v in verdicts:
+            if v.state is None:
+                continue
+            age = v.state.age_s(now_ms)
             if age is not None:
-                metrics.READING_AGE.labels(state.key).set(age)
-            metrics.QUEUE_DEPTH.labels(state.key).set(depths.get(state.queue, 0))
+                metrics.READING_AGE.labels(v.state.queue).set(age)
+            load = loads.get(v.state.queue, Load())
+            metrics.QUEUE_DEPTH.labels(v.state.queue).set(load.queued)
+            metrics.RUNNING.labels(v.state.queue).set(load.running)
+        kinds = Counter(v.kind for v in verdicts)
+        for kind in metrics.VERDICT_KINDS:
+            metrics.INSTANCES.labels(kind).set(kinds.get(kind, 0))
         if self._heard_at is not None:
-            metrics.VIEW_AGE.set(time.time() - self._heard_at)
+            metrics.VIEW_AGE.set(now - self._heard_at)
+        outage = self.registry_outage_s()
+        metrics.REGISTRY_OUTAGE.set(outage or 0.0)
 
 
 def _rows(decision: Decision) -> str:
@@ -310,11 +350,11 @@ def process_view(app: Any) -> RegistryView:
 
 
 def current_view(app: Any, wait: float | None = None) -> RegistryView | None:
-    """This process's view once it has heard from Nacos, else ``None``.
+    """This process's view once it has heard from Nacos and the broker, else ``None``.
 
-    :param wait: seconds to wait for the view's first list from Nacos when it
-        has none yet (default ``GPU_DISPATCH_NACOS_TIMEOUT``): only the first
-        calls in a process ever wait.
+    :param wait: seconds to wait for the view's first pass when it has none
+        yet (default ``GPU_DISPATCH_NACOS_TIMEOUT``): only the first calls in
+        a process ever wait.
     """
     view = process_view(app)
     if view.ready.is_set():

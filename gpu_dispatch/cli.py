@@ -128,48 +128,51 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
 @click.option("--profile", type=click.Choice(sorted(PROFILES)), default=celeryconfig.dispatch_profile,
               show_default=True, help="Scoring profile to score with (default: GPU_DISPATCH_PROFILE).")
 def status(once: bool, as_json: bool, interval: float, profile: str) -> None:
-    """Every registered GPU: memory, utilisation, work in flight, queue depth, age, score, probability.
+    """Every registry entry: reading, ledger load (running, queued, held memory), age, score, probability,
+    and why an entry is excluded.
 
     Scored as the dispatcher scores a request that does not say its memory
     (GPU_DISPATCH_REQUEST_MEMORY_MB), with its reading age limit (GPU_DISPATCH_MAX_READING_AGE).
     """
     import json
 
-    import redis
     from rich.console import Console
     from rich.live import Live
 
-    from gpu_dispatch.registry import Registry, RegistryError
+    from dispatcher.view import RegistryView
+    from gpu_dispatch.registry import RegistryError
     from gpu_dispatch.status import render, snapshot
     from scoring import Request, get_profile
 
     scoring_profile = get_profile(profile, celeryconfig.max_reading_age)
     request = Request(memory_mb=celeryconfig.request_memory_mb)
+    view = RegistryView.from_config(celeryconfig, dispatch_profile=profile)
     try:
-        registry = Registry.from_config(celeryconfig)
+        registry = view.open_registry()
     except RegistryError as exc:
         raise click.ClickException(f"{exc}\nIs Nacos up? (gpu-dispatch servers status)") from None
-    broker = redis.Redis.from_url(celeryconfig.broker_url)
 
-    def table():
-        return render(snapshot(registry, broker, scoring_profile, request), scoring_profile, request)
+    def take():
+        view.apply(registry.list_instances(healthy_only=False), "list")
+        view.refresh()
+        return snapshot(view, scoring_profile, request)
 
     try:
         if as_json:
-            click.echo(json.dumps(snapshot(registry, broker, scoring_profile, request), indent=2))
+            click.echo(json.dumps(take(), indent=2))
             return
         console = Console()
         if once:
-            console.print(table())
+            console.print(render(take()))
             return
-        with Live(table(), console=console) as live:
+        with Live(render(take()), console=console) as live:
             while True:
                 time.sleep(interval)
-                live.update(table())
+                live.update(render(take()))
     except KeyboardInterrupt:
         pass
     finally:
-        registry.close()
+        view.close()
 
 
 @main.command("demo")

@@ -70,10 +70,14 @@ class Instance:
     metadata: Mapping[str, str] = field(default_factory=dict)
     healthy: bool = True
     enabled: bool = True
+    cluster: str = "DEFAULT"
+    weight: float = 1.0
 
     @property
     def key(self) -> str:
-        return f"{self.ip}:{self.port}"
+        """Nacos's identity of the instance in its service: ``ip:port``, or ``ip:port#cluster`` outside
+        the default cluster."""
+        return f"{self.ip}:{self.port}" if self.cluster in ("", "DEFAULT") else f"{self.ip}:{self.port}#{self.cluster}"
 
 
 Callback = Callable[[list[Instance]], None]
@@ -343,5 +347,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _convert(instance: Any) -> Instance:
+    weight = instance.weight
     return Instance(ip=instance.ip, port=int(instance.port), metadata=dict(instance.metadata or {}),
-                    healthy=bool(instance.healthy), enabled=bool(instance.enabled))
+                    healthy=bool(instance.healthy), enabled=bool(instance.enabled),
+                    cluster=instance.clusterName or "DEFAULT", weight=1.0 if weight is None else float(weight))

@@ -168,6 +168,17 @@ class LocalServer:
         self.pidfile.unlink(missing_ok=True)
         return f"{self.name} at {self.address} stopped (pid {pid})"
 
+    def kill(self) -> str:
+        """SIGKILL the server we started (fault injection: a crash, not a shutdown)."""
+        pid = self.pid()
+        if pid is None:
+            return f"{self.name} at {self.address}: not started by gpu-dispatch, left alone"
+        _signal_group(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.05)
+        self.pidfile.unlink(missing_ok=True)
+        return f"{self.name} at {self.address} killed (pid {pid})"
+
     def _failure(self, what: str) -> ServerError:
         tail = _tail(self.logfile, LOG_TAIL_LINES)
         checks = "\n".join(f"  - {h}" for h in self.hints())
@@ -176,7 +187,9 @@ class LocalServer:
 
 
 class RedisServer(LocalServer):
-    """Debian's ``redis-server``, without persistence, bound to loopback."""
+    """Debian's ``redis-server``, bound to loopback, durable: an append-only file fsynced every second
+    (a restart loses nothing; a crash of the machine loses at most the last second), and no eviction
+    (a full Redis refuses writes rather than drop queued requests).  ``docs/reliability.md``."""
 
     name = "redis"
 
@@ -219,8 +232,8 @@ class RedisServer(LocalServer):
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         return ([shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", self.host,
-                 "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--daemonize", "no",
-                 "--protected-mode", "yes"], {})
+                 "--dir", str(self.dir), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                 "--maxmemory-policy", "noeviction", "--daemonize", "no", "--protected-mode", "yes"], {})
 
 
 class NacosServer(LocalServer):

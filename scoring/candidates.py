@@ -11,30 +11,44 @@ from scoring.state import GpuState
 
 @dataclass(slots=True)
 class Candidate:
-    """A GPU as one dispatcher sees it: the last reading plus what it sent there since.
+    """A GPU as a dispatcher sees it: its last reading plus the live load the request ledger counts.
 
-    The reading is shared by every dispatcher; the counts are this
-    dispatcher's own, so two dispatchers that both just sent work to one GPU
-    each know about their own share before the next reading shows the sum.
+    The reading says what the card and its other tenants were doing when it
+    was taken; the load says what our own requests do *now*, exactly and the
+    same for every dispatcher (the ledger is shared), so nothing has to be
+    guessed between readings.
 
     :param state: the GPU's last metadata reading.
-    :param sent_since_reading: requests this dispatcher sent to the GPU after
-        the reading was taken (``updated_at``); default 0.
-    :param sent_memory_mb: their estimated memory, MB; default 0.
-    :param queue_depth: messages waiting in the GPU's broker queue, as the
-        dispatcher last counted them (live, shared by all dispatchers);
-        ``None`` when not counted.
+    :param queued: requests sent to the GPU that are not running yet (waiting in its queue, or
+        for memory on it); default 0.
+    :param queued_mb: their declared memory, MB; default 0.
+    :param running: requests running on it now; ``None`` (unknown) takes the reading's
+        ``concurrent_requests``.
+    :param running_mb: the memory they hold, MB; ``None`` takes the reading's ``held_mb``.
     """
 
     state: GpuState
-    sent_since_reading: int = 0
-    sent_memory_mb: float = 0.0
-    queue_depth: int | None = None
+    queued: int = 0
+    queued_mb: float = 0.0
+    running: int | None = None
+    running_mb: float | None = None
+
+    @property
+    def running_now(self) -> int:
+        """Requests running now: the ledger's count, or the reading's when the ledger is unknown."""
+        return self.state.concurrent_requests if self.running is None else self.running
 
     @property
     def in_flight(self) -> int:
-        """Requests on the GPU as far as this dispatcher knows: reported plus sent since the reading."""
-        return self.state.concurrent_requests + self.sent_since_reading
+        """Requests on the GPU now, running or waiting for it."""
+        return self.running_now + self.queued
+
+    @property
+    def free_mb(self) -> float:
+        """Memory free now, MB: the reading's free memory, plus what our requests held at the
+        reading, less what they hold now (other tenants as at the reading)."""
+        held_now = self.state.held_mb if self.running_mb is None else self.running_mb
+        return self.state.room_mb - held_now
 
 
 @dataclass(frozen=True, slots=True)

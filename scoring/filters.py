@@ -71,19 +71,27 @@ class ModelMatches(Filter):
 
 
 class MemoryFits(Filter):
-    """Keeps GPUs whose free memory, less what this dispatcher sent since the reading, holds the request."""
+    """Keeps GPUs that could hold the request at all: total memory less other tenants' use at the reading.
+
+    Fails open on purpose.  Whether the request fits *now* depends on our own
+    requests, which come and go faster than readings: a GPU where it must
+    wait is a worse candidate (the free-memory scorer says so), not an
+    impossible one — the request waits in that GPU's queue, and the worker
+    admits its requests to memory in arrival order, so a large one is never
+    overtaken for ever by small ones.  Only a GPU whose other tenants leave
+    too little even with none of our work running is dropped.
+    """
 
     name = "memory"
 
     def keep(self, candidates: Sequence[Candidate], request: Request, now_ms: int) -> list[Candidate]:
         need = request.memory_mb
-        return [c for c in candidates if c.state.memory_free_mb - c.sent_memory_mb >= need]
+        return [c for c in candidates if c.state.room_mb >= need]
 
     def why(self, candidate: Candidate, request: Request, now_ms: int) -> str:
-        free = candidate.state.memory_free_mb
-        left = free - candidate.sent_memory_mb
-        return (f"needs {request.memory_mb:g} MB; {free:g} MB free at the reading less "
-                f"{candidate.sent_memory_mb:g} MB sent since leaves {left:g} MB")
+        state = candidate.state
+        return (f"needs {request.memory_mb:g} MB; even with none of our work running it has {state.room_mb:g} MB "
+                f"({state.memory_total_mb:g} MB total − {state.tenant_mb:g} MB used by other tenants at the reading)")
 
 
 class Fresh(Filter):
@@ -117,7 +125,7 @@ class Fresh(Filter):
 
 
 class BelowMaxConcurrency(Filter):
-    """Keeps GPUs with a free slot: reported plus sent-since requests below ``max_concurrency``.
+    """Keeps GPUs with a free slot: requests running or waiting there below ``max_concurrency``.
 
     A GPU that does not publish ``max_concurrency`` passes.  Not in the
     ``default`` profile: a GPU's broker queue exists to hold work beyond its
@@ -128,10 +136,8 @@ class BelowMaxConcurrency(Filter):
     name = "max_concurrency"
 
     def keep(self, candidates: Sequence[Candidate], request: Request, now_ms: int) -> list[Candidate]:
-        return [c for c in candidates if (limit := c.state.max_concurrency) is None
-                or c.state.concurrent_requests + c.sent_since_reading < limit]
+        return [c for c in candidates if (limit := c.state.max_concurrency) is None or c.in_flight < limit]
 
     def why(self, candidate: Candidate, request: Request, now_ms: int) -> str:
-        state = candidate.state
-        return (f"{state.concurrent_requests} reported + {candidate.sent_since_reading} sent since the reading "
-                f"= {candidate.in_flight} in flight; max_concurrency is {state.max_concurrency}")
+        return (f"{candidate.running_now} running + {candidate.queued} waiting = {candidate.in_flight} in flight; "
+                f"max_concurrency is {candidate.state.max_concurrency}")

@@ -50,18 +50,19 @@ class Scorer(ABC):
 
 
 class FreeMemory(Scorer):
-    """Memory left after this request, as a fraction of the card's total.
+    """Memory left after this request and those ahead of it, as a fraction of the card's total.
 
-    ``(memory_free_mb - sent_memory_mb - request.memory_mb) / memory_total_mb``,
-    floored at 0: what the reading showed free, less what this dispatcher sent
-    there since, less what the request itself needs.
+    ``(free_mb - queued_mb - request.memory_mb) / memory_total_mb``, floored
+    at 0: memory free now (see :attr:`Candidate.free_mb`), less what the
+    requests waiting there will take, less what this one needs.  0 means the
+    request would wait for memory there.
     """
 
     name = "free_memory"
 
     def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
         need = request.memory_mb
-        return [x if (x := (c.state.memory_free_mb - c.sent_memory_mb - need) / c.state.memory_total_mb) > 0.0
+        return [x if (x := (c.free_mb - c.queued_mb - need) / c.state.memory_total_mb) > 0.0
                 else 0.0 for c in candidates]
 
 
@@ -84,8 +85,7 @@ def _half_at(value: float, unit: str) -> float:
 class InFlight(Scorer):
     """Fewer requests in flight is better: ``1 / (1 + n / half_at)``.
 
-    ``n`` is the reported ``concurrent_requests`` plus what this dispatcher
-    sent since the reading.
+    ``n`` is :attr:`Candidate.in_flight`: running there now, plus waiting for it.
 
     :param half_at: requests at which the score is 0.5; default
         :data:`DEFAULT_IN_FLIGHT_HALF_AT`.
@@ -99,17 +99,17 @@ class InFlight(Scorer):
 
     def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
         k = self._per_request
-        return [1.0 / (1.0 + (c.state.concurrent_requests + c.sent_since_reading) * k) for c in candidates]
+        return [1.0 / (1.0 + (c.running_now + c.queued) * k) for c in candidates]
 
     def __repr__(self) -> str:
         return f"InFlight(half_at={self.half_at:g})"
 
 
 class QueueDepth(Scorer):
-    """A shorter broker queue is better: ``1 / (1 + depth / half_at)``.
+    """A shorter line is better: ``1 / (1 + queued / half_at)``.
 
-    A candidate whose depth the dispatcher did not count (``None``) scores 1,
-    as an empty queue would: there is no evidence of a backlog.
+    ``queued`` is :attr:`Candidate.queued`: requests sent to the GPU and not
+    running yet, as the ledger counts them (every dispatcher's).
 
     :param half_at: waiting messages at which the score is 0.5; default
         :data:`DEFAULT_QUEUE_HALF_AT`.
@@ -123,7 +123,7 @@ class QueueDepth(Scorer):
 
     def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
         k = self._per_message
-        return [1.0 if (q := c.queue_depth) is None else 1.0 / (1.0 + q * k) for c in candidates]
+        return [1.0 / (1.0 + c.queued * k) for c in candidates]
 
     def __repr__(self) -> str:
         return f"QueueDepth(half_at={self.half_at:g})"

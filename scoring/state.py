@@ -29,13 +29,11 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
+from gpu_dispatch.contract import METADATA_KEYS, SEED_KEYS
 from scoring.errors import MalformedMetadata
 
-#: Metadata keys the seed article's clients read; their meaning never changes.
-SEED_KEYS = ("gpu_index", "memory_total_mb", "memory_used_mb", "memory_free_mb", "gpu_util",
-             "concurrent_requests", "model_name")
 #: Metadata keys gpu-dispatch workers add to :data:`SEED_KEYS`; only ``queue`` is required.
-EXTRA_KEYS = ("queue", "worker", "updated_at", "source", "gpu_name", "gpu_uuid", "max_concurrency", "schema")
+EXTRA_KEYS = tuple(k for k in METADATA_KEYS if k not in SEED_KEYS)
 
 #: Largest memory a GPU may report, in MB (4 TiB; today's largest cards have under 300 GB).
 MAX_MEMORY_MB = 4 * 1024 * 1024
@@ -89,6 +87,19 @@ class GpuState:
     updated_at_ms: int | None
     healthy: bool = True
     enabled: bool = True
+    #: Memory this worker's own running requests held at the reading, MB (part of ``memory_used_mb``).
+    held_mb: float = 0.0
+    incarnation: str = ""
+
+    @property
+    def tenant_mb(self) -> float:
+        """Memory other tenants used at the reading, MB: what is used, less our own requests' share."""
+        return max(0.0, self.memory_used_mb - self.held_mb)
+
+    @property
+    def room_mb(self) -> float:
+        """Memory our requests could use with none of them running: total less other tenants', MB."""
+        return self.memory_total_mb - self.tenant_mb
 
     def age_s(self, now_ms: int) -> float | None:
         """Seconds since the reading at ``now_ms`` (Unix ms); ``None`` when unknown.
@@ -101,7 +112,7 @@ class GpuState:
 
 
 def parse_instance(ip: str, port: int, metadata: Mapping[str, str], *, healthy: bool = True,
-                   enabled: bool = True, now_ms: int) -> GpuState:
+                   enabled: bool = True, now_ms: int, key: str | None = None) -> GpuState:
     """Read one registry instance as a :class:`GpuState`.
 
     :param ip: the instance's address as the registry reports it.
@@ -111,10 +122,11 @@ def parse_instance(ip: str, port: int, metadata: Mapping[str, str], *, healthy: 
     :param enabled: the registry's enabled flag for the instance.
     :param now_ms: the reader's clock, Unix ms; bounds how far in the future
         ``updated_at`` may lie (:data:`MAX_CLOCK_SKEW_MS`).
+    :param key: how the state is named; default ``"<ip>:<port>"``.
     :raises MalformedMetadata: with ``.key`` and a ``.reason`` naming the key
         and value at fault (see the module docstring for what is refused).
     """
-    key = f"{ip}:{port}"
+    key = key or f"{ip}:{port}"
     if not isinstance(ip, str) or not ip.strip():
         raise MalformedMetadata(key, "the instance has no ip address")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -143,6 +155,8 @@ def parse_instance(ip: str, port: int, metadata: Mapping[str, str], *, healthy: 
     concurrent = read.whole("concurrent_requests", high=MAX_COUNT)
     model_name = read.text("model_name", missing="missing `model_name` (the model this GPU serves)")
     max_concurrency = read.whole("max_concurrency", low=1, high=MAX_COUNT, required=False)
+    # Declared, not measured: a request may use less than it said; never more than is used counts.
+    held = read.number("held_mb", high=MAX_MEMORY_MB, required=False) or 0.0
     updated_at = read.whole("updated_at", high=now_ms + MAX_CLOCK_SKEW_MS, required=False,
                             too_high=f"lies more than {MAX_CLOCK_SKEW_MS // 1000} s in the future "
                                      f"(reader's clock {now_ms}); are the hosts' clocks in sync?")
@@ -154,7 +168,8 @@ def parse_instance(ip: str, port: int, metadata: Mapping[str, str], *, healthy: 
         max_concurrency=max_concurrency, model_name=model_name, source=read.optional_text("source"),
         worker=read.optional_text("worker"), gpu_name=read.optional_text("gpu_name"),
         gpu_uuid=read.optional_text("gpu_uuid"), schema=read.optional_text("schema"),
-        updated_at_ms=updated_at, healthy=bool(healthy), enabled=bool(enabled),
+        updated_at_ms=updated_at, healthy=bool(healthy), enabled=bool(enabled), held_mb=min(held, used),
+        incarnation=read.optional_text("incarnation"),
     )
 
 
@@ -183,9 +198,11 @@ class _Reader:
     def optional_text(self, name: str) -> str:
         return self._raw(name) or ""
 
-    def number(self, name: str, *, high: float) -> float:
+    def number(self, name: str, *, high: float, required: bool = True) -> float | None:
         value = self._raw(name)
         if value is None:
+            if not required:
+                return None
             raise MalformedMetadata(self._key, f"missing `{name}`")
         try:
             number = float(value)

@@ -77,6 +77,10 @@ class CeleryProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         return stop(self.proc, sig, timeout)
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process group and return at once (SIGSTOP, SIGCONT)."""
+        os.killpg(self.proc.pid, sig)
+
     def log(self, lines: int = 60) -> str:
         return log_tail(self.name, lines)
 

@@ -18,9 +18,8 @@ import random
 import threading
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,6 @@ class GpuReading:
     memory_free_mb: int
     gpu_util: int
     source: str  # "nvml" or "simulated"
-    temperature_c: int | None = None
-    power_w: float | None = None
     error: str | None = None  # set when the source could not read something
 
 
@@ -50,23 +47,25 @@ class Gpu(Protocol):
 
     def read(self) -> GpuReading: ...
 
+    def room_mb(self) -> float:
+        """Memory our next request could take on the card now, MiB."""
+
 
 class InFlight:
-    """The inference requests this worker is running right now (thread-safe)."""
+    """The inference requests this worker is running right now, and the memory they hold (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._count = 0
         self._memory_mb = 0
 
-    @contextmanager
-    def hold(self, memory_mb: int) -> Iterator[None]:
-        """``with inflight.hold(mb):`` counts one request holding ``mb`` MiB for the block's duration."""
+    def take(self, memory_mb: int) -> None:
+        """One more request runs, holding ``memory_mb`` MiB."""
         self._add(1, memory_mb)
-        try:
-            yield
-        finally:
-            self._add(-1, -memory_mb)
+
+    def release(self, memory_mb: int) -> None:
+        """A request that held ``memory_mb`` MiB has finished."""
+        self._add(-1, -memory_mb)
 
     @property
     def count(self) -> int:
@@ -126,15 +125,19 @@ class NvmlGpu:
 
         memory = get("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
         util = get("utilisation", lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu, 0)
-        temperature = get("temperature", lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
-        power = get("power", lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)
         total, used, free = ((memory.total // MIB, memory.used // MIB, memory.free // MIB) if memory else (0, 0, 0))
         if errors:
             log.warning("NVML could not read GPU %s: %s", self.index, "; ".join(errors))
         return GpuReading(index=self.index, name=self._name, uuid=self._uuid, memory_total_mb=int(total),
                           memory_used_mb=int(used), memory_free_mb=int(free), gpu_util=int(util),
-                          source=self.source, temperature_c=temperature, power_w=power,
-                          error="; ".join(errors) or None)
+                          source=self.source, error="; ".join(errors) or None)
+
+    def room_mb(self) -> float:
+        """What NVML reports free now (memory our admitted requests take shows as soon as they allocate)."""
+        try:
+            return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).free / MIB
+        except self._nvml.NVMLError:
+            return 0.0
 
 
 def _text(value: str | bytes) -> str:
@@ -197,6 +200,11 @@ class SimulatedGpu:
             bursting = ((t + self._burst_phase) % 30.0) < 10.0  # 10 s of every 30 s
             share, util = (share + 0.35, util + 45.0) if bursting else (share, util)
         return (min(max(share + 0.05 * wobble, 0.0), 0.97), min(max(util + 8.0 * wobble, 0.0), 100.0))
+
+    def room_mb(self) -> float:
+        """Total less other tenants' memory now, less what our running requests hold."""
+        share, _ = self._tenant_load()
+        return self.total_mb - int(self.total_mb * share) - self.inflight.memory_mb
 
     def read(self) -> GpuReading:
         share, tenant_util = self._tenant_load()

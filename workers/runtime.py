@@ -1,9 +1,10 @@
-"""The state one GPU worker process keeps: who it is, its GPU, its requests in flight, its Nacos instance.
+"""The state one GPU worker process keeps: who it is, its GPU, its requests, its Nacos instance and its lease.
 
 One :class:`GpuWorker` per worker process, built by the worker bootstep
 (:mod:`workers.steps`) in the process that uses it — never at import, since
 gRPC channels and NVML handles do not survive ``fork()``.  Tasks reach it
-through :func:`current`.
+through :func:`current`; how a request moves through it is
+:meth:`GpuWorker.serve` (``docs/dispatcher.md``, "The ledger").
 """
 
 from __future__ import annotations
@@ -12,19 +13,27 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+import uuid
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
-from gpu_dispatch.contract import gpu_queue
+import redis
+from celery.exceptions import Ignore
+
+from gpu_dispatch import broker, contract
+from gpu_dispatch.ledger import Ledger, ledger_mb
+from gpu_dispatch.ownership import Ownership, QueueTaken, instance_id
 from gpu_dispatch.registry import Registry
+from workers.admission import Admission
 from workers.backends import open_backend
 from workers.gpu import InFlight, open_gpu
 
 log = logging.getLogger(__name__)
 
-#: Version of the metadata layout we publish (metadata key ``schema``).
-METADATA_SCHEMA = "1"
-#: Nacos (2.3+) refuses metadata over 1,024 characters; we keep well under it.
-METADATA_LIMIT = 900
+T = TypeVar("T")
+
+#: Longest wait between two tries of a ledger write while the broker is unreachable, seconds.
+BROKER_RETRY_MAX_S = 2.0
 
 _current: "GpuWorker | None" = None
 
@@ -45,8 +54,12 @@ def host_address() -> str:
         return "127.0.0.1"
 
 
+class Skipped(Ignore):
+    """This delivery of a request is not run: the ledger says another one is, or has answered."""
+
+
 class GpuWorker:
-    """One GPU's worker: identity, GPU source, backend, requests in flight and the Nacos instance.
+    """One GPU's worker: identity, GPU, backend, requests, Nacos instance and broker lease.
 
     :param conf: the app's settings (``app.conf``).
     :param gpu_index: which GPU this worker serves.
@@ -61,16 +74,27 @@ class GpuWorker:
         self.max_concurrency = concurrency
         self.ip = conf.worker_ip or host_address()
         self.port = conf.base_port + gpu_index
-        self.queue = gpu_queue(self.ip, self.port)
+        self.queue = contract.gpu_queue(self.ip, self.port)
         #: Direct queue of this worker's own control messages (refresh retries, first registration).
-        self.control_queue = f"{self.queue}.control"
+        self.control_queue = self.queue + contract.CONTROL_SUFFIX
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.instance = instance_id(self.ip, self.port)
         self.inflight = InFlight()
         self.gpu = open_gpu(gpu_index, conf.gpu_source, total_mb=conf.sim_memory_mb, tenants=conf.sim_tenants,
                             seed=conf.sim_seed, inflight=self.inflight)
         self.backend = open_backend(conf, self.gpu, self.ip, self.port)
+        self.admission = Admission(self.gpu.room_mb, self.inflight)
+        self.redis = broker.client(conf.broker_url, conf.broker_transport_options)
+        self.ledger = Ledger(self.redis, keep_s=conf.result_expires)
+        self.ownership = Ownership(self.redis, incarnation=self.incarnation, node=hostname, queue=self.queue,
+                                   instance=self.instance, ttl_s=conf.lease_seconds)
         self._registry: Registry | None = None
         self._lock = threading.Lock()
         self._withdrawn = False
+        self._stop = threading.Event()
+        self._lease_thread: threading.Thread | None = None
+        #: Called (once) when a newer incarnation of this worker has taken its queue over.
+        self.on_fenced: Callable[[str], None] | None = None
         self.check_metadata_size()
 
     # -- metadata ----------------------------------------------------------------
@@ -78,7 +102,9 @@ class GpuWorker:
     def metadata(self) -> dict[str, str]:
         """The instance metadata from a fresh reading: the seed article's keys, then ours.  All values are strings."""
         reading = self.gpu.read()
-        return {
+        held = self.inflight.memory_mb if reading.source == "nvml" else min(self.inflight.memory_mb,
+                                                                             reading.memory_used_mb)
+        metadata = {
             "gpu_index": str(self.gpu_index),
             "memory_total_mb": str(reading.memory_total_mb),
             "memory_used_mb": str(reading.memory_used_mb),
@@ -88,47 +114,67 @@ class GpuWorker:
             "model_name": self.conf.model_name,
             "queue": self.queue,
             "worker": self.hostname,
+            "incarnation": self.incarnation,
+            "held_mb": str(held),
             "updated_at": str(int(time.time() * 1000)),
             "source": reading.source,
             "gpu_name": reading.name,
             "gpu_uuid": reading.uuid,
             "max_concurrency": str(self.max_concurrency),
-            "schema": METADATA_SCHEMA,
+            "schema": contract.METADATA_SCHEMA,
         }
+        assert set(metadata) == set(contract.METADATA_KEYS), "the contract and the writer disagree"
+        return metadata
 
     def check_metadata_size(self) -> None:
-        size = sum(len(k) + len(v) for k, v in self.metadata().items())
-        if size > METADATA_LIMIT:
-            raise ValueError(f"instance metadata would be {size} characters, over our limit of {METADATA_LIMIT} "
-                             "(Nacos refuses 1,024): shorten the worker name (-n), GPU_DISPATCH_MODEL_NAME or "
-                             "GPU_DISPATCH_WORKER_IP")
+        size = contract.metadata_size(self.metadata())
+        if size > contract.METADATA_LIMIT:
+            raise ValueError(f"instance metadata would be {size} characters, over our limit of "
+                             f"{contract.METADATA_LIMIT} (Nacos refuses 1,024): shorten the worker name (-n), "
+                             "GPU_DISPATCH_MODEL_NAME or GPU_DISPATCH_WORKER_IP")
 
-    # -- Nacos -----------------------------------------------------------------
+    # -- Nacos and the broker-side claim ---------------------------------------------
 
     def publish(self) -> dict[str, str] | None:
-        """Read the GPU and register or update our instance with it; ``None`` once withdrawn.
+        """Read the GPU; put the reading in the broker-side claim, then in the Nacos instance.
 
-        Raises :class:`~gpu_dispatch.registry.RegistryError` when Nacos cannot be
+        The claim first: a dispatcher trusts Nacos metadata only when the
+        claim holds the same, and keeps dispatching from the claim while
+        Nacos is down.  ``None`` once withdrawn.  Raises
+        :class:`~gpu_dispatch.registry.RegistryError` when Nacos cannot be
         reached (the refresh task retries on it).
         """
         with self._lock:
             if self._withdrawn:
                 return None
+            metadata = self.metadata()
+            try:
+                self.ownership.publishing(metadata)
+            except redis.RedisError as exc:  # Nacos still gets the reading; the lease thread keeps trying
+                log.warning("could not put the reading in the broker (%s); dispatchers see it once it answers", exc)
+            except QueueTaken as exc:
+                self._fenced(str(exc))
+                return None
             if self._registry is None:
                 self._registry = Registry.from_config(self.conf)
-            metadata = self.metadata()
             self._registry.update(self.ip, self.port, metadata)
             return metadata
 
     def withdraw(self) -> None:
-        """Deregister and close the Nacos client; later :meth:`publish` calls do nothing.
+        """No new work: deregister, give up the queue and instance claims, close admission.
 
-        Called first on warm shutdown, so the dispatcher stops sending work here
-        while the requests already running finish.
+        Called first on warm shutdown, so dispatchers stop sending work here
+        while the requests already running finish (the lease stays until
+        :meth:`close`, so they stay this worker's).
         """
         with self._lock:
             self._withdrawn = True
             registry, self._registry = self._registry, None
+        self.admission.close()
+        try:
+            self.ownership.leave()
+        except redis.RedisError as exc:  # the claims expire with the lease anyway
+            log.warning("could not give up the queue claim in the broker: %s", exc)
         if registry is None:
             return
         try:
@@ -138,6 +184,162 @@ class GpuWorker:
             log.warning("could not deregister %s:%s, closing the connection instead: %s", self.ip, self.port, exc)
         finally:
             registry.close()
+
+    # -- the lease ---------------------------------------------------------------------
+
+    def start_lease(self) -> None:
+        """Claim the queue now and renew the lease every third of ``GPU_DISPATCH_LEASE_SECONDS``.
+
+        A queue owned by another worker is waited for one lease period (its
+        owner may have just died; its lease then runs out).
+
+        :raises QueueTaken: another live worker still consumes this GPU's queue after that.
+        """
+        deadline = time.monotonic() + self.conf.lease_seconds + 1.0
+        while True:
+            try:
+                superseded = self.ownership.renew()
+                if superseded:
+                    log.warning("queue %s: took over from incarnation %s (same node %s, restarted); what it held "
+                                "is re-dispatched now", self.queue, superseded, self.hostname)
+                break
+            except QueueTaken:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+            except redis.RedisError as exc:
+                log.warning("broker unreachable at start (%s); claiming queue %s once it answers", exc, self.queue)
+                break
+        self._lease_thread = threading.Thread(target=self._keep_lease, name="gpu-dispatch-lease", daemon=True)
+        self._lease_thread.start()
+
+    def _keep_lease(self) -> None:
+        interval = self.conf.lease_seconds / 3
+        failing = False
+        while not self._stop.wait(interval):
+            try:
+                # Each renewal carries a fresh reading: dispatchers read the broker-side claim, so their
+                # readings stay current even when beat or Nacos lag (Nacos gets one every refresh).
+                if not self._withdrawn:
+                    self.ownership.reading(self.metadata())
+                self.ownership.renew()
+            except QueueTaken as exc:
+                self._fenced(str(exc))
+                return
+            except redis.RedisError as exc:
+                if not failing:
+                    log.warning("cannot renew the lease of %s in the broker (%s); retrying every %.1f s",
+                                self.queue, exc, interval)
+                failing = True
+                continue
+            if failing:
+                log.warning("lease of %s renewed again: the broker answers", self.queue)
+            failing = False
+
+    def _fenced(self, why: str) -> None:
+        log.error("%s — this worker takes no more work", why)
+        self._stop.set()
+        if self.on_fenced is not None:
+            callback, self.on_fenced = self.on_fenced, None
+            callback(why)
+
+    def close(self) -> None:
+        """End of the process: stop renewing and give up the lease (nothing of ours runs any more)."""
+        self._stop.set()
+        if self._lease_thread is not None:
+            self._lease_thread.join(5)
+        try:
+            self.ownership.release()
+        except redis.RedisError as exc:
+            log.warning("could not release the lease in the broker (it expires by itself): %s", exc)
+        self.redis.close()
+
+    # -- one request -------------------------------------------------------------------
+
+    @contextmanager
+    def serve(self, task_id: str, attempt: int, memory_mb: float) -> Iterator[None]:
+        """Run the ``with`` block as delivery ``attempt`` of request ``task_id``, or skip it.
+
+        1. Claim it in the ledger (``started``); a delivery the ledger has
+           moved elsewhere, answered already, or that a live incarnation runs,
+           is skipped: :class:`Skipped` (Celery stores nothing and acks).
+        2. Wait for its memory, first come first served (:mod:`workers.admission`).
+        3. Run the block; then claim the request's one outcome.  If another
+           delivery stored one first (this one was re-dispatched while it
+           ran), this outcome is discarded with a log line.
+        The ledger record is settled after Celery stores the outcome
+        (:meth:`settled`, from the task's ``after_return``).
+        """
+        mb = ledger_mb(memory_mb)
+        ticket = self.admission.enter(mb)
+        admitted = self.admission.try_admit(ticket)
+        verdict, detail = self._broker(lambda: self.ledger.start(task_id, self.queue, attempt, self.incarnation,
+                                                                  admitted), f"claim {task_id}")
+        if verdict not in ("ok", "untracked"):
+            self.admission.leave(ticket)
+            log.warning("task %s (attempt %d): not run here: %s", task_id, attempt, _skip_reason(verdict, detail))
+            raise Skipped(verdict)
+        tracked = verdict == "ok"
+        try:
+            if not admitted:
+                log.info("task %s waits for %d MB on GPU %s (%d in line)", task_id, mb, self.gpu_index,
+                         self.admission.waiting)
+                if not self.admission.wait(ticket):
+                    self._broker(lambda: self.ledger.unstart(task_id, self.incarnation), f"put back {task_id}")
+                    log.warning("task %s: worker shutting down before it could run; back to the ledger for "
+                                "re-dispatch", task_id)
+                    raise Skipped("shutdown")
+                if tracked and not self._broker(lambda: self.ledger.admit(task_id, self.incarnation),
+                                                f"admit {task_id}"):
+                    log.warning("task %s: re-dispatched while it waited for memory; not run here", task_id)
+                    raise Skipped("moved")
+            try:
+                yield
+            except Exception:
+                self._claim_outcome(task_id, tracked)
+                raise
+            self._claim_outcome(task_id, tracked)
+        finally:
+            self.admission.leave(ticket)
+
+    def _claim_outcome(self, task_id: str, tracked: bool) -> None:
+        if not tracked:
+            return
+        verdict = self._broker(lambda: self.ledger.finish(task_id, self.incarnation), f"finish {task_id}")
+        if verdict == "answered":
+            log.warning("task %s: another delivery of it has already answered (it was re-dispatched while this "
+                        "one ran); this outcome is discarded", task_id)
+            raise Skipped("answered")
+
+    def settled(self, task_id: str, state: str) -> None:
+        """The outcome of ``task_id`` is stored: close its ledger record."""
+        self._broker(lambda: self.ledger.settle(task_id, self.incarnation, state), f"settle {task_id}")
+
+    def _broker(self, call: Callable[[], T], what: str) -> T:
+        """``call()``, retried while the broker is unreachable, for at most ``GPU_DISPATCH_BROKER_OUTAGE``."""
+        deadline = time.monotonic() + self.conf.broker_outage_seconds
+        wait = 0.1
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.warning("ledger: cannot %s (%s); retrying in %.1f s", what, exc, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, BROKER_RETRY_MAX_S)
+
+
+def _skip_reason(verdict: str, detail: str) -> str:
+    if verdict == "answered":
+        return "it has already been answered"
+    if verdict == "moved":
+        return f"it was re-dispatched (now queue/attempt {detail})"
+    if verdict == "held":
+        return f"a live worker (incarnation {detail}) runs it"
+    if verdict == "again":
+        return "this worker is already running it (a second delivery)"
+    return verdict
 
 
 def install(worker: GpuWorker | None) -> None:

@@ -12,7 +12,7 @@ from celery.exceptions import Ignore
 from celery.utils.time import maybe_iso8601
 
 from gpu_dispatch.celery import app
-from gpu_dispatch.contract import INFERENCE_TASK, REFRESH_TASK
+from gpu_dispatch.contract import ATTEMPT_HEADER, INFERENCE_TASK, REFRESH_TASK
 from gpu_dispatch.registry import RegistryError
 from workers import runtime
 from workers.backends import DEFAULT_MAX_TOKENS
@@ -54,37 +54,48 @@ def refresh_gpu_metadata(self: Task) -> None:
     runtime.current().publish()
 
 
-@app.task(name=INFERENCE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+class InferenceTask(Task):
+    """``run_inference``'s class: settles the request's ledger record once its outcome is stored."""
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        runtime.current().settled(task_id, status)
+
+
+@app.task(name=INFERENCE_TASK, base=InferenceTask, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_inference(self: Task, prompt: str, **options: Any) -> dict:
     """Run one inference on this worker's GPU and return the text, the GPU that served it and timings.
 
     Recognised options: ``max_tokens`` (default 32), ``memory_mb`` (memory the
-    request holds while running; the simulated backend's default is
-    ``GPU_DISPATCH_REQUEST_MEMORY_MB``), ``model`` (must be the model this
-    worker serves).  Other options go to the backend unchanged.
+    request holds while running; default ``GPU_DISPATCH_REQUEST_MEMORY_MB``),
+    ``model`` (must be the model this worker serves).  Other options go to
+    the backend unchanged.
 
-    Acknowledged late and rejected (re-queued) if the worker is lost mid-task,
-    so a killed worker's request runs again rather than vanishing.
+    The ledger decides whether this delivery runs and which outcome is the
+    request's (:meth:`workers.runtime.GpuWorker.serve`); acknowledged late,
+    so a message is never lost while its worker lives.
     """
     worker = runtime.current()
     model = options.pop("model", None)
-    if model and model != worker.conf.model_name:
-        raise ModelMismatch(f"this GPU worker ({worker.queue}) serves {worker.conf.model_name!r}, "
-                            f"not {model!r}")
     max_tokens = int(options.pop("max_tokens", None) or DEFAULT_MAX_TOKENS)
-    memory_mb = int(options.pop("memory_mb", None) or worker.conf.request_memory_mb)
-    started = time.time()
-    with worker.inflight.hold(memory_mb):
+    memory_mb = options.pop("memory_mb", None)
+    memory_mb = worker.conf.request_memory_mb if memory_mb is None else memory_mb
+    attempt = int(getattr(self.request, ATTEMPT_HEADER, None) or 1)
+    with worker.serve(self.request.id, attempt, memory_mb):
+        if model and model != worker.conf.model_name:
+            raise ModelMismatch(f"this GPU worker ({worker.queue}) serves {worker.conf.model_name!r}, "
+                                f"not {model!r}")
+        started = time.time()
         text, usage = worker.backend.complete(prompt, max_tokens=max_tokens, **options)
-    finished = time.time()
+        finished = time.time()
     return {
         "text": text,
         "model": worker.conf.model_name,
         "usage": usage,
         "gpu": {"ip": worker.ip, "port": worker.port, "gpu_index": worker.gpu_index, "queue": worker.queue,
-                "worker": worker.hostname, "source": worker.gpu.source},
+                "worker": worker.hostname, "source": worker.gpu.source, "incarnation": worker.incarnation},
         "timings": {"started_at": started, "finished_at": finished,
                     "run_ms": round((finished - started) * 1000, 3)},
         "task_id": self.request.id,
-        "delivery": {"redelivered": bool((self.request.delivery_info or {}).get("redelivered"))},
+        "delivery": {"attempt": attempt,
+                     "redelivered": bool((self.request.delivery_info or {}).get("redelivered"))},
     }

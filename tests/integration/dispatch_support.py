@@ -6,10 +6,13 @@ import collections
 import random
 
 import pytest
+from celery.result import AsyncResult
+from celery.utils import uuid
 
 from dispatcher import view as views
 from dispatcher.view import RegistryView
 from gpu_dispatch.celery import app
+from gpu_dispatch.contract import ATTEMPT_HEADER
 from tests.support import PYTHON, CeleryProcess, start_beat, start_gpu_worker, wait_until
 
 #: Refresh period of the GPU workers' metadata in these tests, seconds.
@@ -68,13 +71,13 @@ def start_dispatcher(service: str, processes: list, env: dict[str, str] | None =
 
 def start_gpus(service: str, processes: list, tenants: list[str], *, concurrency: int = 2,
                env: dict[str, str] | None = None, env_of: dict[int, dict[str, str]] | None = None,
-               beat: bool = True) -> list[CeleryProcess]:
-    """One simulated GPU worker per entry of ``tenants`` (GPU 0, 1, ...), and beat refreshing them.
+               beat: bool = True, first_gpu: int = 0) -> list[CeleryProcess]:
+    """One simulated GPU worker per entry of ``tenants`` (GPU ``first_gpu``, then +1 ...), and beat.
 
     :param env: settings of every GPU worker; ``env_of`` adds to them for the GPUs it names.
     """
     workers = []
-    for gpu, load in enumerate(tenants):
+    for gpu, load in enumerate(tenants, start=first_gpu):
         worker = start_gpu_worker(app, gpu, service, concurrency=concurrency,
                                   env={**FAST_GPU, "GPU_DISPATCH_SIM_TENANTS": load, **(env or {}),
                                        **(env_of or {}).get(gpu, {})})
@@ -83,6 +86,16 @@ def start_gpus(service: str, processes: list, tenants: list[str], *, concurrency
     if beat:
         processes.append(start_beat(service, FAST_GPU))
     return workers
+
+
+def send_pinned(ledger, queue: str, prompt: str, max_tokens: int = 4) -> AsyncResult:
+    """What the dispatcher does once it has picked ``queue``: record the request, then publish it there."""
+    task_id = uuid()
+    kwargs = {"max_tokens": max_tokens, "memory_mb": 0}
+    ledger.dispatch(task_id, queue, 0, {"args": [prompt], "kwargs": kwargs}, "test")
+    app.send_task("run_inference", args=(prompt,), kwargs=kwargs, task_id=task_id, queue=queue,
+                  headers={ATTEMPT_HEADER: 1})
+    return AsyncResult(task_id, app=app)
 
 
 def wait_for_gpus(view: RegistryView, count: int, timeout: float = 30) -> None:

@@ -8,7 +8,11 @@ import time
 import pytest
 
 from dispatcher import InvalidRequest, NoGpuAvailable, dispatch_inference
+from gpu_dispatch import broker
 from gpu_dispatch.celery import app
+from gpu_dispatch.contract import METADATA_SCHEMA
+from gpu_dispatch.ledger import PREFIX
+from gpu_dispatch.ownership import Claim, digest
 from tests.integration.dispatch_support import make_view, served_by, start_dispatcher, start_gpus, wait_for_gpus
 from tests.support import wait_until
 
@@ -59,13 +63,21 @@ def test_the_seed_articles_worked_example_end_to_end_with_the_seed_profile(
         service_name, make_registry, celery_processes):
     # Three real GPU workers serve the queues; they register in a service of their own, while the
     # dispatcher's service holds the example's three instances, whose metadata points at those queues.
+    # Each is claimed in the broker for the worker that owns its queue (as that worker would claim its
+    # own instance), so the dispatcher trusts the example's exact readings.
     elsewhere = f"{service_name}-workers"
     start_gpus(elsewhere, celery_processes, ["idle", "idle", "idle"], concurrency=4, beat=False)
+    client = broker.client(app.conf.broker_url)
     for gpu, free in enumerate(SEED_FREE_MB):
-        make_registry().register("127.0.0.1", 9000 + gpu, {
-            "gpu_index": str(gpu), "memory_total_mb": "24576", "memory_used_mb": str(24576 - free),
-            "memory_free_mb": str(free), "gpu_util": "0", "concurrent_requests": "0", "model_name": "llama-7b-sim",
-            "queue": f"gpu.127.0.0.1.{8000 + gpu}", "updated_at": str(int(time.time() * 1000))})
+        queue = f"gpu.127.0.0.1.{8000 + gpu}"
+        metadata = {"gpu_index": str(gpu), "memory_total_mb": "24576", "memory_used_mb": str(24576 - free),
+                    "memory_free_mb": str(free), "gpu_util": "0", "concurrent_requests": "0",
+                    "model_name": "llama-7b-sim", "queue": queue, "updated_at": str(int(time.time() * 1000)),
+                    "schema": METADATA_SCHEMA}
+        incarnation = wait_until(lambda: client.get(PREFIX + "owner:" + queue), 30, f"{queue}'s owner").decode()
+        claim = Claim(incarnation, f"gpu{gpu}", queue, f"127.0.0.1:{9000 + gpu}", metadata, (digest(metadata),))
+        client.set(PREFIX + "instance:" + claim.instance, claim.dumps(), px=120_000)
+        make_registry().register("127.0.0.1", 9000 + gpu, metadata)
     import random
     from dispatcher import view as views
     view = make_view(service_name, dispatch_profile="seed", rng=random.Random(42))
@@ -116,14 +128,17 @@ def test_malformed_instances_in_the_service_are_skipped_with_their_reason_and_di
     make_registry().register("10.9.9.9", 8001, {"weight": "1"})  # the seed article's scripts: no queue
     start_gpus(service_name, celery_processes, ["idle"])
     wait_for_gpus(producer_view, 1)
-    wait_until(lambda: len(producer_view.malformed()) == 2, 10, "both malformed instances in the view")
+
+    def excluded() -> dict[str, str]:
+        return {v.instance: v.reason for v in producer_view.verdicts() if v.reason}
+
+    wait_until(lambda: len(excluded()) == 2, 10, "both foreign instances in the view")
 
     results = [dispatch_inference.delay(f"p{n}", max_tokens=2).get(timeout=30) for n in range(10)]
 
     assert {r["gpu"]["queue"] for r in results} == {"gpu.127.0.0.1.8000"}
-    reasons = producer_view.malformed()
-    assert "not a gpu-dispatch worker" in reasons["10.9.9.9:8001"]
-    assert "10.9.9.9:8000" in reasons
+    assert set(excluded()) == {"10.9.9.9:8000", "10.9.9.9:8001"}
+    assert all("no live gpu-dispatch worker claims" in reason for reason in excluded().values())
 
 
 def test_with_no_gpu_registered_the_result_fails_with_a_typed_error_after_the_bounded_wait(

@@ -13,22 +13,24 @@ from gpu_dispatch.processes import flower_argv, flower_env
 from tests.integration.dispatch_support import start_dispatcher, start_gpus
 from tests.support import PYTHON, spawn, stop, wait_until
 
-STATUS_FIELDS = {"host", "gpu", "name", "queue", "free_mb", "total_mb", "util", "in_flight", "queue_depth",
-                 "age_s", "source", "score", "probability", "excluded"}
+STATUS_FIELDS = {"instance", "incarnation", "gpu", "name", "queue", "free_mb", "total_mb", "util", "running",
+                 "queued", "held_mb", "age_s", "source", "score", "probability", "excluded", "verdict", "note"}
 #: Port of the Flower the test starts (never Flower's default 5555).
 FLOWER_PORT = 15555
 #: Port of the dispatcher's Prometheus endpoint in the test (never the default 9808).
 METRICS_PORT = 19808
 #: Series the dispatcher's /metrics must serve (issue: decisions per GPU, retries, rescues, ages, depth).
 METRIC_SERIES = ("gpu_dispatch_decisions_total", "gpu_dispatch_no_gpu_retries_total", "gpu_dispatch_rescued_total",
-                 "gpu_dispatch_reading_age_seconds", "gpu_dispatch_queue_depth", "gpu_dispatch_view_age_seconds")
+                 "gpu_dispatch_recovered_total", "gpu_dispatch_recovery_failed_total", "gpu_dispatch_running",
+                 "gpu_dispatch_reading_age_seconds", "gpu_dispatch_queue_depth", "gpu_dispatch_view_age_seconds",
+                 "gpu_dispatch_registry_outage_seconds", "gpu_dispatch_instances")
 
 
 def status_json(service: str) -> list[dict]:
     done = subprocess.run([PYTHON, "-m", "gpu_dispatch.cli", "status", "--once", "--json"], capture_output=True,
                           text=True, env={**os.environ, "GPU_DISPATCH_NACOS_SERVICE": service}, timeout=60)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return json.loads(done.stdout)["rows"]
 
 
 def test_status_json_reports_every_registered_gpu_and_why_one_is_excluded(make_registry, service_name,
@@ -37,17 +39,24 @@ def test_status_json_reports_every_registered_gpu_and_why_one_is_excluded(make_r
     stranger = make_registry()
     stranger.register("10.7.7.7", 9000, {"gpu_index": "0", "memory_free_mb": "lots"})  # not one of ours
 
-    rows = wait_until(lambda: len(rows := status_json(service_name)) == 3 and rows, 30, "3 rows in status")
+    def ready() -> list[dict] | None:
+        rows = status_json(service_name)
+        ours = [r for r in rows if r["instance"].startswith("127.0.0.1:")]
+        return rows if len(rows) == 3 and all(r["verdict"] == "trusted" for r in ours) else None
 
-    by_host = {(r["host"], r["gpu"]): r for r in rows}
+    rows = wait_until(ready, 30, "3 rows in status, both GPUs trusted")
+
+    by_instance = {r["instance"]: r for r in rows}
     for row in rows:
-        assert set(row) >= STATUS_FIELDS
-    idle, full = by_host[("127.0.0.1", "0")], by_host[("127.0.0.1", "1")]
-    assert idle["excluded"] is None and idle["source"] == "simulated" and idle["queue_depth"] == 0
+        assert set(row) == STATUS_FIELDS
+    idle, full = by_instance["127.0.0.1:8000"], by_instance["127.0.0.1:8001"]
+    assert idle["excluded"] is None and idle["source"] == "simulated" and idle["queued"] == 0
+    assert idle["incarnation"] and idle["incarnation"] != full["incarnation"]
     assert idle["probability"] > full["probability"] > 0
     assert abs(idle["probability"] + full["probability"] - 1) < 1e-9
-    stranger_row = by_host[("10.7.7.7", "0")]
-    assert stranger_row["probability"] == 0 and "queue" in stranger_row["excluded"]
+    stranger_row = by_instance["10.7.7.7:9000"]
+    assert stranger_row["probability"] == 0 and stranger_row["verdict"] == "unclaimed"
+    assert "no live gpu-dispatch worker claims this instance" in stranger_row["excluded"]
 
 
 def test_flower_api_shows_a_dispatched_requests_tasks(service_name, celery_processes, producer_view):
@@ -82,13 +91,13 @@ def test_metrics_endpoint_serves_the_dispatchers_series(service_name, celery_pro
     def scraped() -> str | None:
         body = _get(f"http://127.0.0.1:{METRICS_PORT}/metrics")
         text = body.decode() if body else ""
-        return text if 'gpu_dispatch_queue_depth{gpu="127.0.0.1:8000"}' in text else None
+        return text if 'gpu_dispatch_queue_depth{gpu="gpu.127.0.0.1.8000"}' in text else None
 
     text = wait_until(scraped, 30, "the dispatcher's metrics with the GPU's queue depth")
     for series in METRIC_SERIES:  # declared (a counter with no sample yet shows only its # TYPE line)
         assert f"# TYPE {series} " in text, f"{series} missing from /metrics"
-    key = answer["gpu"]["ip"] + ":" + str(answer["gpu"]["port"])
-    assert f'gpu_dispatch_decisions_total{{gpu="{key}",path="central"}} 1.0' in text
+    assert f'gpu_dispatch_decisions_total{{gpu="{answer["gpu"]["queue"]}",path="central"}} 1.0' in text
+    assert 'gpu_dispatch_instances{verdict="trusted"} 1.0' in text
 
 
 def _flower_task(task_id: str, wait: float = 0.0) -> dict | None:

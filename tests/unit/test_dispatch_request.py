@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+from types import SimpleNamespace
+
 import pytest
 
 from dispatcher.errors import InvalidRequest, NoGpuAvailable
@@ -10,6 +13,8 @@ from dispatcher.tasks import backoff, waited_after
 from scoring import NoEligibleGpu, Request
 
 LIMIT = 1024
+#: The settings check() reads.
+CONF = SimpleNamespace(max_prompt_bytes=LIMIT, max_tokens=4096, request_memory_mb=2048)
 
 
 @pytest.mark.parametrize("args, kwargs, message", [
@@ -29,18 +34,49 @@ LIMIT = 1024
     (("hi",), {"memory_mb": float("nan")}, "memory_mb"),
     (("hi",), {"memory_mb": "8G"}, "memory_mb"),
     (("hi",), {"model": ""}, "model must be a model name"),
+    (("hi",), {"max_tokens": 4097}, "the limit is 4096 (GPU_DISPATCH_MAX_TOKENS)"),
+    (("lone \ud800 surrogate",), {}, "not valid Unicode text: surrogates not allowed at character 5"),
+    (("hi",), {"stop": object()}, "option stop=<object"),
+    (("hi",), {"temperature": float("inf")}, "option temperature=inf cannot be sent as JSON"),
+    (("hi",), {"stop": ["\udfff"]}, "option stop=['\\udfff'] cannot be sent as JSON"),
+    (("x" * 1000,), {"stop": ["y" * 30]}, "the prompt and its options are 1.0 KiB (1042 bytes) together"),
 ])
 def test_a_bad_call_is_refused_with_a_message_saying_what_is_wrong(args, kwargs, message):
     with pytest.raises(InvalidRequest) as refused:
-        check(args, kwargs, LIMIT)
+        check(args, kwargs, {}, CONF)
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"queue": "gpu.10.0.0.1.8000"}, "queue= is not accepted: dispatch_inference picks the GPU queue itself"),
+    ({"exchange": "x"}, "exchange= is not accepted"),
+    ({"routing_key": "k"}, "routing_key= is not accepted"),
+    ({"countdown": "soon"}, "countdown must be a number of seconds ≥ 0, not 'soon'"),
+    ({"countdown": -1}, "countdown must be a number of seconds ≥ 0"),
+    ({"eta": "tomorrow"}, "eta must be a datetime, not str"),
+    ({"expires": float("nan")}, "expires must be a datetime or a number of seconds ≥ 0"),
+    ({"priority": 1000}, "priority must be a whole number 0–255"),
+    ({"task_id": ""}, "task_id must be a non-empty string"),
+    ({"headers": {"h": object()}}, "header h=<object"),
+    ({"serializer": "pickle"}, "does not take serializer"),
+    ({"colour": "blue"}, "does not take colour"),
+])
+def test_a_bad_celery_argument_is_refused_at_delay_naming_it(options, message):
+    with pytest.raises(InvalidRequest) as refused:
+        check(("hi",), {}, options, CONF)
+    assert message in str(refused.value)
+
+
+def test_celery_arguments_a_caller_may_pass_are_accepted():
+    check(("hi",), {}, {"countdown": 1.5, "eta": datetime.datetime.now(datetime.timezone.utc), "expires": 60,
+                        "priority": 5, "task_id": "my-id", "headers": {"tenant": "a"}}, CONF)
+
+
 def test_a_prompt_exactly_at_the_limit_is_accepted_and_the_limit_counts_utf8_bytes():
-    check(("x" * LIMIT,), {}, LIMIT)
-    check(("€" * 341,), {}, LIMIT)  # 1023 bytes
+    check(("x" * LIMIT,), {}, {}, CONF)
+    check(("€" * 341,), {}, {}, CONF)  # 1023 bytes
     check((), {"prompt": "by name", "max_tokens": 8, "memory_mb": 2048, "model": "llama", "temperature": 0.2},
-          LIMIT)
+          {}, CONF)
 
 
 def test_options_become_the_scoring_request():

@@ -20,14 +20,19 @@ def test_simulated_gpu_adds_the_memory_and_compute_of_the_requests_really_runnin
     gpu = SimulatedGpu(0, 81920, "idle", 7, inflight, clock=Clock())
     before = gpu.read()
 
-    with inflight.hold(4096), inflight.hold(2048):
-        during = gpu.read()
+    inflight.take(4096)
+    inflight.take(2048)
+    during = gpu.read()
+    room_during = gpu.room_mb()
+    inflight.release(4096)
+    inflight.release(2048)
     after = gpu.read()
 
     assert during.memory_used_mb == before.memory_used_mb + 6144
     assert during.gpu_util > before.gpu_util
     assert after == before
     assert during.memory_used_mb + during.memory_free_mb == during.memory_total_mb == 81920
+    assert room_during == during.memory_free_mb == gpu.room_mb() - 6144
 
 
 def test_simulated_tenants_are_reproducible_from_the_seed_and_differ_by_profile():

@@ -19,18 +19,19 @@ REQUEST = Request(model="llama-7b", memory_mb=4096)
 
 def gpu(port: int = 8000, *, free: float = 40960, total: float = 81920, util: float = 30, concurrent: int = 0,
         model: str = "llama-7b", age_s: float | None = 1.0, healthy: bool = True, enabled: bool = True,
-        max_concurrency: int | None = None, sent: int = 0, sent_mb: float = 0.0,
-        queue_depth: int | None = None) -> Candidate:
-    """A candidate built through the real parser, as the dispatcher builds them."""
+        max_concurrency: int | None = None, held: float = 0.0, queued: int = 0, queued_mb: float = 0.0,
+        running: int | None = None, running_mb: float | None = None) -> Candidate:
+    """A candidate built through the real parser, as the dispatcher builds them: a reading (``free``,
+    ``held`` by our own requests at the reading) and the ledger's load now."""
     metadata = {"gpu_index": str(port - 8000), "memory_total_mb": str(total), "memory_used_mb": str(total - free),
                 "memory_free_mb": str(free), "gpu_util": str(util), "concurrent_requests": str(concurrent),
-                "model_name": model, "queue": f"gpu.10.0.0.1.{port}"}
+                "model_name": model, "queue": f"gpu.10.0.0.1.{port}", "held_mb": str(held)}
     if age_s is not None:
         metadata["updated_at"] = str(int(NOW_MS - age_s * 1000))
     if max_concurrency is not None:
         metadata["max_concurrency"] = str(max_concurrency)
     state = parse_instance("10.0.0.1", port, metadata, healthy=healthy, enabled=enabled, now_ms=NOW_MS)
-    return Candidate(state, sent_since_reading=sent, sent_memory_mb=sent_mb, queue_depth=queue_depth)
+    return Candidate(state, queued=queued, queued_mb=queued_mb, running=running, running_mb=running_mb)
 
 
 def dropped(candidates: list[Candidate], request: Request = REQUEST, profile: str | Profile = "default"):
@@ -60,22 +61,33 @@ def test_model_filter_keeps_every_gpu_when_the_request_names_no_model():
     assert ModelMatches().keep(candidates, Request(), NOW_MS) == candidates
 
 
-def test_memory_filter_drops_gpu_where_the_request_does_not_fit():
-    candidates = [gpu(8000, free=8192), gpu(8001, free=2048)]
-    assert MemoryFits().keep(candidates, REQUEST, NOW_MS) == [candidates[0]]
-    assert MemoryFits().why(candidates[1], REQUEST, NOW_MS) == \
-        "needs 4096 MB; 2048 MB free at the reading less 0 MB sent since leaves 2048 MB"
+def test_memory_filter_drops_only_a_gpu_whose_other_tenants_leave_too_little_even_with_none_of_ours():
+    # 2048 MB free, none of it held by us: other tenants use 79872 MB; a 4096 MB request can never fit.
+    crowded = gpu(8001, free=2048)
+    # 2048 MB free, but 30000 MB held by our own requests at the reading: it fits once they finish.
+    busy_with_ours = gpu(8002, free=2048, held=30000)
+    assert MemoryFits().keep([gpu(8000, free=8192), crowded, busy_with_ours], REQUEST, NOW_MS) == \
+        [gpu(8000, free=8192), busy_with_ours]
+    assert MemoryFits().why(crowded, REQUEST, NOW_MS) == \
+        "needs 4096 MB; even with none of our work running it has 2048 MB (81920 MB total − 79872 MB used by " \
+        "other tenants at the reading)"
 
 
-def test_memory_filter_counts_memory_sent_since_the_reading():
-    filling = gpu(8000, free=8192, sent=2, sent_mb=6144)
-    assert MemoryFits().keep([filling], REQUEST, NOW_MS) == []
-    assert "less 6144 MB sent since leaves 2048 MB" in MemoryFits().why(filling, REQUEST, NOW_MS)
+def test_memory_filter_keeps_a_gpu_whose_memory_our_queued_requests_will_take_the_request_waits_there():
+    filling = gpu(8000, free=8192, queued=2, queued_mb=6144)
+    assert MemoryFits().keep([filling], REQUEST, NOW_MS) == [filling]
 
 
 def test_memory_filter_keeps_exact_fit():
     exact = gpu(8000, free=4096)
     assert MemoryFits().keep([exact], REQUEST, NOW_MS) == [exact]
+
+
+def test_free_memory_now_is_the_reading_plus_what_finished_since_less_what_started_since():
+    # At the reading 10000 MB free and our requests held 20000 MB; now (ledger) they hold 5000 MB.
+    assert gpu(8000, free=10000, held=20000, running=1, running_mb=5000).free_mb == 25000
+    # The ledger unknown: the reading as it is.
+    assert gpu(8000, free=10000, held=20000).free_mb == 10000
 
 
 def test_fresh_filter_drops_readings_older_than_max_age():
@@ -91,20 +103,20 @@ def test_fresh_filter_treats_reading_of_unknown_age_as_stale():
         "no `updated_at` in its metadata: the reading's age is unknown, so it is treated as stale"
 
 
-def test_max_concurrency_filter_counts_reported_and_sent_since_and_passes_unknown_limits():
-    full = gpu(8000, concurrent=6, sent=2, max_concurrency=8)
-    room = gpu(8001, concurrent=6, sent=1, max_concurrency=8)
-    unlimited = gpu(8002, concurrent=500)
+def test_max_concurrency_filter_counts_running_and_waiting_and_passes_unknown_limits():
+    full = gpu(8000, running=6, queued=2, max_concurrency=8)
+    room = gpu(8001, running=6, queued=1, max_concurrency=8)
+    unlimited = gpu(8002, running=500)
     assert BelowMaxConcurrency().keep([full, room, unlimited], REQUEST, NOW_MS) == [room, unlimited]
     assert BelowMaxConcurrency().why(full, REQUEST, NOW_MS) == \
-        "6 reported + 2 sent since the reading = 8 in flight; max_concurrency is 8"
+        "6 running + 2 waiting = 8 in flight; max_concurrency is 8"
 
 
 # -- scorers ---------------------------------------------------------------------------------------------
 
 
-def test_free_memory_score_is_the_fraction_left_after_sends_and_the_request():
-    candidates = [gpu(8000, free=40960), gpu(8001, free=40960, sent_mb=36864), gpu(8002, free=0)]
+def test_free_memory_score_is_the_fraction_left_after_the_requests_waiting_and_this_one():
+    candidates = [gpu(8000, free=40960), gpu(8001, free=40960, queued=3, queued_mb=36864), gpu(8002, free=0)]
     assert FreeMemory().scores(candidates, REQUEST) == [0.45, 0.0, 0.0]
 
 
@@ -113,14 +125,14 @@ def test_utilisation_score_is_idle_compute():
         [1.0, 0.25, 0.0]
 
 
-def test_in_flight_score_halves_at_half_at_counting_sends_since_the_reading():
-    candidates = [gpu(8000), gpu(8001, concurrent=2, sent=2), gpu(8002, concurrent=12)]
+def test_in_flight_score_halves_at_half_at_counting_running_and_waiting():
+    candidates = [gpu(8000, running=0), gpu(8001, running=2, queued=2), gpu(8002, concurrent=12)]
     assert InFlight(half_at=4).scores(candidates, REQUEST) == [1.0, 0.5, 0.25]
 
 
-def test_queue_depth_score_halves_at_half_at_and_treats_uncounted_as_empty():
-    candidates = [gpu(8000, queue_depth=0), gpu(8001, queue_depth=3), gpu(8002)]
-    assert QueueDepth(half_at=3).scores(candidates, REQUEST) == [1.0, 0.5, 1.0]
+def test_queue_depth_score_halves_at_half_at():
+    candidates = [gpu(8000, queued=0), gpu(8001, queued=3)]
+    assert QueueDepth(half_at=3).scores(candidates, REQUEST) == [1.0, 0.5]
 
 
 def test_seed_formula_is_the_articles_score_floored_at_one():
@@ -146,7 +158,8 @@ def test_choose_raises_listing_every_gpu_and_why_when_all_are_filtered_out():
     assert caught.value.reasons == {
         "10.0.0.1:8000": "reading is 30.0 s old; the limit is 15 s (max_age_s)",
         "10.0.0.1:8001": "serves model 'qwen-14b', the request needs 'llama-7b'",
-        "10.0.0.1:8002": "needs 4096 MB; 1024 MB free at the reading less 0 MB sent since leaves 1024 MB",
+        "10.0.0.1:8002": "needs 4096 MB; even with none of our work running it has 1024 MB (81920 MB total − "
+                         "80896 MB used by other tenants at the reading)",
     }
     for key in caught.value.reasons:
         assert key in str(caught.value)
@@ -161,7 +174,7 @@ def test_single_eligible_candidate_is_always_chosen_with_probability_one():
 
 
 def test_choose_never_picks_a_stale_gpu_or_one_where_the_request_does_not_fit():
-    good = gpu(8003, free=8192, util=90, concurrent=7, queue_depth=5)
+    good = gpu(8003, free=8192, util=90, concurrent=7, queued=5)
     candidates = [gpu(8000, age_s=16, free=80000), gpu(8001, free=1024, util=0), good]
     rng = random.Random(7)
     assert {choose(candidates, REQUEST, rng=rng, now_ms=NOW_MS).chosen.state.key for _ in range(200)} == \
@@ -181,7 +194,7 @@ def test_decision_explains_each_candidate_in_input_order():
 
 
 def test_fallbacks_are_the_other_eligible_gpus_best_score_first():
-    candidates = [gpu(8000, queue_depth=4), gpu(8001, queue_depth=0), gpu(8002, queue_depth=1),
+    candidates = [gpu(8000, queued=4), gpu(8001, queued=0), gpu(8002, queued=1),
                   gpu(8003, healthy=False)]
     decision = choose(candidates, REQUEST, rng=random.Random(5), now_ms=NOW_MS)
     scores = {r.key: r.score for r in decision.explanation}
@@ -201,23 +214,23 @@ def test_each_candidate_is_reported_with_the_first_filter_that_dropped_it():
 
 
 def test_same_seed_reproduces_the_same_choices():
-    candidates = [gpu(8000 + i, free=10000 * (i + 1), queue_depth=i % 3) for i in range(6)]
+    candidates = [gpu(8000 + i, free=10000 * (i + 1), queued=i % 3) for i in range(6)]
     runs = [[choose(candidates, REQUEST, rng=rng, now_ms=NOW_MS).chosen.state.key for _ in range(50)]
             for rng in (random.Random(42), random.Random(42))]
     assert runs[0] == runs[1]
 
 
 def test_default_prefers_the_gpu_with_less_work_queued_and_in_flight():
-    idle = gpu(8000, queue_depth=0, concurrent=0)
-    swamped = gpu(8001, queue_depth=6, concurrent=8)
+    idle = gpu(8000, queued=0, running=0)
+    swamped = gpu(8001, queued=6, running=8)
     probabilities = {r.key: r.probability for r in explain([idle, swamped], REQUEST, now_ms=NOW_MS)}
     assert probabilities[idle.state.key] > 0.99
 
 
-def test_sends_since_the_reading_move_the_default_choice_away_before_the_next_reading():
+def test_work_sent_since_the_reading_moves_the_default_choice_away_before_the_next_reading():
     a, b = gpu(8000), gpu(8001)
     before = {r.key: r.probability for r in explain([a, b], REQUEST, now_ms=NOW_MS)}
-    a.sent_since_reading = 3
+    a.queued = 3
     after = {r.key: r.probability for r in explain([a, b], REQUEST, now_ms=NOW_MS)}
     assert before[a.state.key] == pytest.approx(0.5)
     assert after[a.state.key] < 0.1
@@ -286,12 +299,13 @@ def test_profile_describes_itself_in_one_line():
 # -- properties ------------------------------------------------------------------------------------------
 
 _CANDIDATE = st.builds(
-    lambda port, free, util, concurrent, model, age, healthy, enabled, sent, sent_mb, depth: gpu(
-        port, free=free, util=util, concurrent=concurrent, model=model, age_s=age, healthy=healthy,
-        enabled=enabled, sent=sent, sent_mb=sent_mb, queue_depth=depth),
-    st.integers(8000, 8999), st.integers(0, 81920), st.integers(0, 100), st.integers(0, 20),
-    st.sampled_from(["llama-7b", "qwen-14b"]), st.one_of(st.none(), st.floats(0, 60)), st.booleans(),
-    st.booleans(), st.integers(0, 10), st.floats(0, 40000), st.one_of(st.none(), st.integers(0, 30)),
+    lambda port, free, held, util, concurrent, model, age, healthy, enabled, queued, queued_mb, running: gpu(
+        port, free=free, held=min(held, 81920 - free), util=util, concurrent=concurrent, model=model, age_s=age,
+        healthy=healthy, enabled=enabled, queued=queued, queued_mb=queued_mb, running=running,
+        running_mb=None if running is None else 1000.0 * running),
+    st.integers(8000, 8999), st.integers(0, 81920), st.integers(0, 81920), st.integers(0, 100),
+    st.integers(0, 20), st.sampled_from(["llama-7b", "qwen-14b"]), st.one_of(st.none(), st.floats(0, 60)),
+    st.booleans(), st.booleans(), st.integers(0, 10), st.floats(0, 40000), st.one_of(st.none(), st.integers(0, 30)),
 )
 
 
@@ -305,7 +319,7 @@ def test_picker_never_picks_a_filtered_out_instance(candidates, model, memory_mb
         s = c.state
         return (s.healthy and s.enabled and (model is None or s.model_name == model)
                 and s.updated_at_ms is not None and NOW_MS - s.updated_at_ms <= 15_000
-                and s.memory_free_mb - c.sent_memory_mb >= memory_mb)
+                and s.memory_total_mb - (s.memory_used_mb - s.held_mb) >= memory_mb)
 
     try:
         decision = choose(candidates, request, profile=profile, rng=random.Random(seed), now_ms=NOW_MS)
