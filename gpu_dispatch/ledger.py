@@ -352,6 +352,13 @@ class Ledger:
         """Ids of the requests whose outcome was claimed before ``before_ms`` and is not settled yet."""
         return [m.decode() for m in self.client.zrangebyscore(PREFIX + "finishing", "-inf", before_ms)]
 
+    def settle_many(self, outcomes: list[tuple[str, str]], claimant: str) -> None:
+        """:meth:`settle` for many ``(task_id, outcome)`` pairs, in one round trip."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id, outcome in outcomes:
+                self._settle(args=[PREFIX, task_id, claimant, self.keep_s, outcome], client=pipe)
+            pipe.execute()
+
     def settle_stored(self, task_id: str, outcome: str) -> bool:
         """Settle a claimed outcome found stored, whoever claimed it (its claimant died before settling)."""
         return bool(self._settle(args=[PREFIX, task_id, "", self.keep_s, outcome]))

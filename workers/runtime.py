@@ -34,6 +34,8 @@ T = TypeVar("T")
 
 #: Longest wait between two tries of a ledger write while the broker is unreachable, seconds.
 BROKER_RETRY_MAX_S = 2.0
+#: Seconds between two batches of settled outcomes.
+SETTLE_EVERY_S = 0.05
 
 _current: "GpuWorker | None" = None
 
@@ -95,6 +97,11 @@ class GpuWorker:
         self._lease_thread: threading.Thread | None = None
         #: Called (once) when a newer incarnation of this worker has taken its queue over.
         self.on_fenced: Callable[[str], None] | None = None
+        self._to_settle: list[tuple[str, str]] = []
+        self._settle_lock = threading.Lock()
+        self._settle_due = threading.Event()
+        self._settler = threading.Thread(target=self._settle_batches, name="gpu-dispatch-settle", daemon=True)
+        self._settler.start()
         self.check_metadata_size()
 
     # -- metadata ----------------------------------------------------------------
@@ -244,8 +251,10 @@ class GpuWorker:
             callback(why)
 
     def close(self) -> None:
-        """End of the process: stop renewing and give up the lease (nothing of ours runs any more)."""
+        """End of the process: settle what is left, stop renewing and give up the lease."""
         self._stop.set()
+        self._settle_due.set()
+        self._settler.join(10)
         if self._lease_thread is not None:
             self._lease_thread.join(5)
         try:
@@ -312,8 +321,31 @@ class GpuWorker:
             raise Skipped("answered")
 
     def settled(self, task_id: str, state: str) -> None:
-        """The outcome of ``task_id`` is stored: close its ledger record."""
-        self._broker(lambda: self.ledger.settle(task_id, self.incarnation, state), f"settle {task_id}")
+        """The outcome of ``task_id`` is stored: close its ledger record (batched, off the request's path).
+
+        Settling late is safe: until then the record says its outcome is being
+        stored by this incarnation, and if it dies first, recovery finds the
+        outcome in the result backend and settles it.
+        """
+        with self._settle_lock:
+            self._to_settle.append((task_id, state))
+        self._settle_due.set()
+
+    def _settle_batches(self) -> None:
+        while True:
+            self._settle_due.wait()
+            if not self._stop.is_set():
+                time.sleep(SETTLE_EVERY_S)  # gather a batch: a busy worker settles many in one round trip
+            self._settle_due.clear()
+            with self._settle_lock:
+                batch, self._to_settle = self._to_settle, []
+            if batch:
+                try:
+                    self._broker(lambda: self.ledger.settle_many(batch, self.incarnation), "settle outcomes")
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("ledger: %d outcomes not settled (%s); recovery settles them", len(batch), exc)
+            if self._stop.is_set():
+                return
 
     def _broker(self, call: Callable[[], T], what: str) -> T:
         """``call()``, retried while the broker is unreachable, for at most ``GPU_DISPATCH_BROKER_OUTAGE``."""

@@ -182,3 +182,14 @@ def test_a_worker_leaving_keeps_its_lease_but_gives_up_its_queue(client):
     assert client.get(PREFIX + "owner:" + A) is None  # still not taking work
     owner.release()
     assert alive(client, ["inc-a"]) == {"inc-a": False}
+
+
+def test_outcomes_settle_in_batches(ledger, client):
+    lease(client, "inc-a", A)
+    for task_id in ("t1", "t2", "t3"):
+        ledger.dispatch(task_id, A, 1, MESSAGE, "producer")
+        ledger.start(task_id, A, 1, "inc-a", admit=True)
+        ledger.finish(task_id, "inc-a")
+    ledger.settle_many([("t1", "SUCCESS"), ("t2", "FAILURE"), ("t3", "SUCCESS")], "inc-a")
+    assert [r.state for r in ledger.records(["t1", "t2", "t3"])] == ["done"] * 3
+    assert ledger.open_count() == 0
