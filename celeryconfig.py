@@ -15,10 +15,13 @@ that names the variable, e.g.::
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 from kombu import Exchange
 
@@ -43,13 +46,46 @@ SETTINGS: dict[str, Setting] = {}
 
 
 def _declare(env: str, default: Any, unit: str, meaning: str, parse: Callable[[str], Any] = str) -> Any:
-    SETTINGS[env] = Setting(env, str(default), unit, meaning)
+    SETTINGS[env] = Setting(env, sanitize(str(default)), unit, meaning)
     raw = os.environ.get(env, str(default))
     try:
         return parse(raw)
     except (TypeError, ValueError) as exc:
-        raise SettingError(f"{env}={raw!r} is not valid ({meaning}; unit: {unit}): {exc}; "
-                           f"unset it to use the default {default!r}") from None
+        shown = "***" if "PASSWORD" in env else sanitize(raw)
+        raise SettingError(f"{env}={shown!r} is not valid ({meaning}; unit: {unit}): {exc}; "
+                           f"unset it to use the default {sanitize(str(default))!r}") from None
+
+
+def sanitize(value: str) -> str:
+    """``value`` with the password of any URL in it replaced by ``**`` (for messages and listings)."""
+    return re.sub(r"(://[^:/@;]*:)[^@;]*@", r"\1**@", value)
+
+
+def _redis_url(raw: str) -> str:
+    for part in raw.split(";"):
+        url = urlparse(part.strip())
+        if url.scheme not in {"redis", "rediss", "sentinel"}:
+            raise ValueError(f"scheme {url.scheme or '(none)'!r} is not redis://, rediss:// or sentinel://")
+        if not url.hostname:
+            raise ValueError("no host")
+        url.port  # raises ValueError for a port that is not a number in 0..65535
+        if url.path.strip("/") and not url.path.strip("/").isdigit():
+            raise ValueError(f"the database {url.path.strip('/')!r} is not a number")
+    return raw
+
+
+def _addresses(raw: str) -> str:
+    for part in raw.split(","):
+        host, _, port = part.strip().removeprefix("http://").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part.strip()!r} is not host:port")
+    return raw
+
+
+def _ip_or_empty(raw: str) -> str:
+    if raw:
+        ipaddress.ip_address(raw)  # a ValueError names what is wrong
+    return raw
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -73,10 +109,17 @@ def _choice(raw: str, allowed: set[str]) -> str:
 
 broker_url = _declare(
     "GPU_DISPATCH_BROKER_URL", "redis://127.0.0.1:6379/0", "URL",
-    "Celery broker. Redis; add a password as redis://:PASSWORD@host:port/db, TLS as rediss://")
+    "Celery broker. Redis; add a password as redis://:PASSWORD@host:port/db, TLS as rediss://, Sentinel as "
+    "sentinel://host:port;sentinel://host:port/db (with GPU_DISPATCH_SENTINEL_MASTER)", _redis_url)
 result_backend = _declare(
     "GPU_DISPATCH_RESULT_BACKEND", broker_url, "URL",
-    "Celery result backend; defaults to the broker URL")
+    "Celery result backend; defaults to the broker URL", _redis_url)
+sentinel_master = _declare(
+    "GPU_DISPATCH_SENTINEL_MASTER", "", "name",
+    "name of the Redis primary that Sentinel watches, for sentinel:// broker and backend URLs")
+if (broker_url.startswith("sentinel://") or result_backend.startswith("sentinel://")) and not sentinel_master:
+    raise SettingError("a sentinel:// URL (GPU_DISPATCH_BROKER_URL / GPU_DISPATCH_RESULT_BACKEND) needs the name of "
+                       "the primary Sentinel watches: set GPU_DISPATCH_SENTINEL_MASTER, e.g. mymaster")
 result_expires = _declare(
     "GPU_DISPATCH_RESULT_EXPIRES", 3600, "seconds",
     "how long a result stays in the backend for its AsyncResult to read", _positive(int))
@@ -115,7 +158,7 @@ broker_transport = ("gpu_dispatch.transport:SentinelTransport" if broker_url.sta
 
 nacos_server_addresses = _declare(
     "GPU_DISPATCH_NACOS_SERVER", "127.0.0.1:8848", "host:port[,host:port...]",
-    "Nacos server(s); the gRPC port is the HTTP port + 1000")
+    "Nacos server(s); the gRPC port is the HTTP port + 1000", _addresses)
 nacos_namespace = _declare(
     "GPU_DISPATCH_NACOS_NAMESPACE", "", "namespace id",
     "Nacos namespace holding the service; empty means 'public'")
@@ -146,7 +189,7 @@ gpu_source = _declare(
     lambda raw: _choice(raw, {"auto", "nvml", "simulated"}))
 worker_ip = _declare(
     "GPU_DISPATCH_WORKER_IP", "", "IP address",
-    "address a GPU worker registers in Nacos; empty means this host's address")
+    "address a GPU worker registers in Nacos; empty means this host's address", _ip_or_empty)
 base_port = _declare(
     "GPU_DISPATCH_BASE_PORT", 8000, "TCP port",
     "a GPU's instance port is this + its GPU index (its model server's port, as in the seed article)",
@@ -216,7 +259,9 @@ broker_transport_options = {
     "visibility_timeout": int(max_inference_seconds * 1.25) + 5,
     "unacked_restore_interval": 5,
     "unacked_restore_throttle": 1,
+    **({"master_name": sentinel_master} if sentinel_master else {}),
 }
+result_backend_transport_options = {"master_name": sentinel_master} if sentinel_master else {}
 
 # refresh_gpu_metadata to every GPU worker, through a fan-out exchange.  The producer
 # (beat) must declare the exchange itself: on Redis, a message published to a fan-out

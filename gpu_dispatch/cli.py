@@ -195,6 +195,33 @@ def demo(prompts: int, rate: float, keep: bool, flower_port: int, plot: str | No
     sys.exit(run(prompts, rate, keep, flower_port, Path(plot) if plot else default_plot_path(), Console()))
 
 
+@main.command("dead-letters")
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON lines.")
+@click.option("--clear", is_flag=True, help="Empty the list after printing it.")
+@click.option("--limit", default=50, show_default=True, help="Newest entries to print.")
+def dead_letters(as_json: bool, clear: bool, limit: int) -> None:
+    """Messages a worker could not read (injected, malformed, pickled), set aside with why."""
+    import json
+
+    from gpu_dispatch import broker
+    from gpu_dispatch.transport import DEAD_LETTER_KEY
+
+    client = broker.client(celeryconfig.broker_url, celeryconfig.broker_transport_options)
+    entries = [json.loads(raw) for raw in client.lrange(DEAD_LETTER_KEY, 0, limit - 1)]
+    for entry in entries:
+        if as_json:
+            click.echo(json.dumps(entry))
+        else:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["at"]))
+            click.echo(f"{when}  {entry['queue']}: {entry['reason']}\n    {entry['message'][:200]}")
+    total = client.llen(DEAD_LETTER_KEY)
+    if not as_json:
+        click.echo(f"{total} set aside in {DEAD_LETTER_KEY}" + (f" (newest {len(entries)} shown)" if total > limit
+                                                               else ""))
+    if clear:
+        client.delete(DEAD_LETTER_KEY)
+
+
 @main.command("config")
 @click.option("--markdown", is_flag=True, help="Print the reference table of docs/configuration.md instead.")
 def config(markdown: bool) -> None:
@@ -204,10 +231,9 @@ def config(markdown: bool) -> None:
         return
     for setting in celeryconfig.SETTINGS.values():
         value = os.environ.get(setting.env, setting.default)
-        if "PASSWORD" in setting.env and value:
-            value = "***"
+        value = "***" if "PASSWORD" in setting.env and value else celeryconfig.sanitize(value)
         click.echo(f"{setting.env}={value}")
-        click.echo(f"    {setting.meaning} [{setting.unit}; default {setting.default!r}]")
+        click.echo(f"    {setting.meaning} [{setting.unit}; default {celeryconfig.sanitize(setting.default)!r}]")
 
 
 def config_reference() -> str:

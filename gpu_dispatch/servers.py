@@ -231,7 +231,12 @@ class RedisServer(LocalServer):
         return shutil.which("redis-server") or "not installed"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
-        return ([shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", self.host,
+        # A password goes in a file only we can read: on the command line, `ps` would show it.
+        config = self.dir / "redis.conf"
+        password = urlparse(self.url).password if self.url else None
+        config.write_text(f"requirepass {password}\n" if password else "")
+        config.chmod(0o600)
+        return ([shutil.which("redis-server") or "redis-server", str(config), "--port", str(self.port), "--bind", self.host,
                  "--dir", str(self.dir), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
                  "--maxmemory-policy", "noeviction", "--daemonize", "no", "--protected-mode", "yes"], {})
 

@@ -5,6 +5,7 @@ developer's servers on the default ports (6379, 8848) are never touched.
 """
 
 import os
+import secrets
 
 #: Ports of the servers the test session starts (Nacos also uses +1000 and +1001 for gRPC, -1000 for JRaft).
 #: Override with GPU_DISPATCH_TEST_REDIS_PORT / GPU_DISPATCH_TEST_NACOS_PORT to run two test sessions at once
@@ -12,8 +13,10 @@ import os
 TEST_REDIS_PORT = int(os.environ.get("GPU_DISPATCH_TEST_REDIS_PORT", 16399))
 TEST_NACOS_PORT = int(os.environ.get("GPU_DISPATCH_TEST_NACOS_PORT", 18848))
 
-os.environ["GPU_DISPATCH_BROKER_URL"] = f"redis://127.0.0.1:{TEST_REDIS_PORT}/0"
-os.environ["GPU_DISPATCH_RESULT_BACKEND"] = f"redis://127.0.0.1:{TEST_REDIS_PORT}/1"
+#: The test Redis wants a password, as any shared Redis would; tests check it never leaks (test_security.py).
+REDIS_PASSWORD = os.environ.setdefault("GPU_DISPATCH_TEST_REDIS_PASSWORD", "redis-" + secrets.token_hex(8))
+os.environ["GPU_DISPATCH_BROKER_URL"] = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{TEST_REDIS_PORT}/0"
+os.environ["GPU_DISPATCH_RESULT_BACKEND"] = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{TEST_REDIS_PORT}/1"
 os.environ["GPU_DISPATCH_NACOS_SERVER"] = f"127.0.0.1:{TEST_NACOS_PORT}"
 for name in ("GPU_DISPATCH_NACOS_NAMESPACE", "GPU_DISPATCH_NACOS_USERNAME", "GPU_DISPATCH_NACOS_PASSWORD",
              "GPU_DISPATCH_NACOS_SERVICE", "GPU_DISPATCH_NACOS_GROUP"):
