@@ -144,12 +144,13 @@ class ModelServer:
     def __init__(self, port: int, model_path: str | os.PathLike, home: str | os.PathLike, *,
                  host: str = "127.0.0.1", name: str | None = None, n_ctx: int = 2048,
                  n_threads: int | None = None, share: int = 1, n_gpu_layers: int = 0,
-                 cache_bytes: int = 256 * 1024 * 1024, alias: str = MODEL_ALIAS, verbose: bool = True,
+                 cache_bytes: int = 512 * 1024 * 1024, n_batch: int = 64, alias: str = MODEL_ALIAS, chat_format: str = "gemma", verbose: bool = True,
                  extra_args: Sequence[str] = ()) -> None:
         self.port, self.host, self.model_path = int(port), host, Path(model_path)
         self.home = Path(home)
         self.name = name or f"model-server-{self.port}"
         self.n_ctx, self.n_gpu_layers, self.cache_bytes, self.alias = n_ctx, n_gpu_layers, cache_bytes, alias
+        self.n_batch, self.chat_format = n_batch, chat_format
         self.n_threads = n_threads or max(1, (os.cpu_count() or 1) // max(1, share))
         self.verbose, self.extra_args = verbose, list(extra_args)
         self.proc: subprocess.Popen | None = None
@@ -173,10 +174,10 @@ class ModelServer:
     def argv(self) -> list[str]:
         """The command line: ``python -m llama_cpp.server --model … --host … --port … --n_ctx …`` and our flags."""
         argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path),
-                "--model_alias", self.alias, "--host", self.host, "--port", str(self.port),
-                "--n_ctx", str(self.n_ctx), "--n_threads", str(self.n_threads),
+                "--model_alias", self.alias, "--chat_format", self.chat_format, "--host", self.host, "--port", str(self.port),
+                "--n_ctx", str(self.n_ctx), "--n_batch", str(self.n_batch), "--n_threads", str(self.n_threads),
                 "--n_threads_batch", str(self.n_threads), "--n_gpu_layers", str(self.n_gpu_layers),
-                "--interrupt_requests", "False", "--verbose", str(self.verbose)]
+                "--interrupt_requests", "False", "--logits_all", "False", "--verbose", str(self.verbose)]
         if self.cache_bytes > 0:
             argv += ["--cache", "True", "--cache_type", "ram", "--cache_size", str(self.cache_bytes)]
         return argv + self.extra_args

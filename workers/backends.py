@@ -94,6 +94,8 @@ _URL_SETTING = "GPU_DISPATCH_OPENAI_URL"
 _TIMEOUT_SETTINGS = "GPU_DISPATCH_OPENAI_CONNECT_TIMEOUT / GPU_DISPATCH_OPENAI_READ_TIMEOUT"
 #: Longest wait of a health or metrics probe (they run in the worker's refresh lane, never for long).
 PROBE_TIMEOUT = 2.0
+#: Request options that steer dispatch and mean nothing to a model server: never sent to it.
+DISPATCH_ONLY_OPTIONS = ("affinity_key",)
 #: After a /metrics that answers 404 (llama-cpp-python's server has none), ask again only after this long.
 NO_METRICS_RETRY = 60.0
 
@@ -127,8 +129,11 @@ class OpenAIBackend:
     ``stream=False`` asks for one JSON reply (no ``ttft_ms`` then).
 
     The usage returned is the server's ``usage`` (``prompt_tokens``, ``completion_tokens``, ...)
-    when it reports one, plus ``ttft_ms`` (request sent to first generated text), ``total_ms``
-    and ``finish_reason`` when known.  The read timeout bounds each wait for bytes from the
+    when it reports one (``usage_source: "server"``), plus ``ttft_ms`` (request sent to first
+    generated text), ``total_ms``, ``finish_reason`` when known and ``stream_chunks``.  A server
+    that streams no usage (llama-cpp-python ignores ``stream_options``) gets ``completion_tokens``
+    counted from the streamed chunks (one per token there; ``usage_source: "stream_chunks"``)
+    and no ``prompt_tokens``; ``stream=False`` gets its full usage but no ``ttft_ms``.  The read timeout bounds each wait for bytes from the
     server, not the whole stream: a long answer that keeps streaming is not cut off.
     """
 
@@ -155,6 +160,8 @@ class OpenAIBackend:
     # -- inference ------------------------------------------------------------------
 
     def complete(self, prompt: str, *, max_tokens: int, **options: Any) -> tuple[str, dict]:
+        for name in DISPATCH_ONLY_OPTIONS:  # for the dispatcher's choice of GPU, not for the model server
+            options.pop(name, None)
         messages = options.pop("messages", None)
         stream = bool(options.pop("stream", True))
         options.pop("stream_options", None)
@@ -237,6 +244,10 @@ class OpenAIBackend:
                 raise BackendError(f"model server at {url} ended the stream before the answer was complete "
                                    f"(no finish_reason, no [DONE]): did it stop or crash? ({_URL_SETTING})")
             usage["stream_chunks"] = chunks
+            if "completion_tokens" in usage:
+                usage["usage_source"] = "server"
+            elif chunks:  # e.g. llama-cpp-python ignores stream_options: one streamed chunk per token
+                usage.update(completion_tokens=chunks, usage_source="stream_chunks")
         if ttft_ms is not None:
             usage["ttft_ms"] = ttft_ms
         if finish:

@@ -65,17 +65,29 @@ def test_a_completion_brings_real_tokens_usage_and_time_to_first_token(backend):
     text, usage = backend.complete("The capital of France is", max_tokens=12, temperature=0.0)
 
     assert text.strip() and len(text.split()) >= 2, text
-    assert usage["prompt_tokens"] >= 5 and 1 <= usage["completion_tokens"] <= 12
+    # llama-cpp-python streams no usage (it ignores stream_options): the chunks are counted.
+    assert usage["usage_source"] == "stream_chunks" and 1 <= usage["completion_tokens"] <= 12
     assert 0 < usage["ttft_ms"] <= usage["total_ms"]
     assert usage["finish_reason"] in {"length", "stop"}
 
 
+def test_an_unstreamed_completion_brings_the_servers_own_usage(backend):
+    text, usage = backend.complete("The capital of France is", max_tokens=8, temperature=0.0, stream=False)
+
+    assert text.strip()
+    assert usage["prompt_tokens"] >= 5 and 1 <= usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
 def test_a_chat_completion_answers_the_last_user_turn(backend):
+    # Gemma 3 270M here is the base model (no chat template in its GGUF): the server formats the turns
+    # with --chat_format gemma; the answers are real tokens, if not always sensible ones.
     text, usage = backend.complete("Name one colour.", max_tokens=10, temperature=0.0,
-                                   messages=[{"role": "system", "content": "You answer in a few words."}])
+                                   messages=[{"role": "user", "content": "Hello."},
+                                             {"role": "assistant", "content": "Hello! How can I help?"}])
 
     assert text.strip(), usage
-    assert usage["completion_tokens"] >= 1 and "ttft_ms" in usage
+    assert usage["completion_tokens"] >= 1 and usage["ttft_ms"] > 0
 
 
 def test_health_says_the_server_serves_and_it_has_no_prometheus_metrics(backend):
@@ -97,8 +109,9 @@ def test_concurrent_streamed_requests_all_run_to_their_end(backend):
     for thread in threads:
         thread.join(120)
     for text, usage in results:
-        assert usage["finish_reason"] == "length" or usage["completion_tokens"] < 16
-        assert usage["completion_tokens"] == 16 or usage["finish_reason"] == "stop", usage
+        # interrupted, a stream ends early with neither a finish_reason nor all its tokens
+        assert (usage.get("finish_reason"), usage["completion_tokens"]) in {("length", 16)} or \
+            usage.get("finish_reason") == "stop", usage
 
 
 def test_a_repeated_long_prefix_is_served_from_the_prompt_cache(backend):

@@ -129,6 +129,11 @@ def test_openai_backend_streams_the_completion_and_reports_usage_and_time_to_fir
     assert model_server.paths == ["/v1/completions"]
 
 
+def test_openai_backend_never_sends_options_meant_for_dispatch(model_server):
+    openai(model_server.url).complete("hi", max_tokens=2, affinity_key="system-prompt-3")
+    assert "affinity_key" not in model_server.requests[0]
+
+
 def test_openai_backend_sends_messages_as_a_chat_completion_with_the_prompt_as_last_user_turn(model_server):
     system = [{"role": "system", "content": "Answer in one word."}]
     text, usage = openai(model_server.url).complete("2+2?", max_tokens=4, messages=system)
