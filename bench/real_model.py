@@ -236,7 +236,7 @@ class Cluster:
 
     def start(self) -> None:
         from gpu_dispatch.processes import beat_argv, gpu_worker_argv
-        from gpu_dispatch.registry import Registry
+        from gpu_dispatch.registry import Registry, RegistryError
 
         for server in self.servers:
             if not server.answering():
@@ -254,9 +254,14 @@ class Cluster:
         registry = Registry.from_config(celeryconfig)
         try:
             deadline = time.monotonic() + 90
-            while len(registry.list_instances()) < self.gpus:
+            while True:
                 if self.supervisor.dead() or time.monotonic() > deadline:
                     raise SystemExit(f"GPU workers did not register; see {self.supervisor.log_dir}")
+                try:
+                    if len(registry.list_instances()) >= self.gpus:
+                        break
+                except RegistryError:  # a Nacos that has just started may not take calls yet
+                    pass
                 time.sleep(0.5)
         finally:
             registry.close()

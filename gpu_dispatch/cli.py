@@ -228,7 +228,7 @@ def demo(prompts: int | None, rate: float | None, keep: bool, flower_port: int, 
 @click.option("--threads", type=int, default=None, help="CPU threads [default: half this machine's cores].")
 @click.option("--gpu-layers", default=0, show_default=True,
               help="Layers offloaded to the GPU (-1: all; needs llama-cpp-python built with CUDA).")
-@click.option("--cache-mb", default=256, show_default=True, help="RAM prompt cache (--cache); 0 turns it off.")
+@click.option("--cache-mb", default=512, show_default=True, help="RAM prompt cache (--cache); 0 turns it off.")
 def model_server(gpu: int, host: str, port: int | None, n_ctx: int, threads: int | None, gpu_layers: int,
                  cache_mb: int) -> None:
     """Run the llama.cpp server (llama-cpp-python, Gemma 3 270M) of one GPU worker, in the foreground.

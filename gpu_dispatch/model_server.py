@@ -27,10 +27,16 @@ docs/real-model.md):
   its previous prompt shares with the next one.  ``--cache True`` adds a RAM cache of
   whole states (``--cache_type ram``, ``--cache_size`` bytes; ``disk`` is the other
   type) keyed by token prefix, so a prompt whose prefix was seen a few requests ago
-  also skips that prefix's prefill.  We turn it on (256 MiB by default).
-- **Metrics**: no Prometheus ``/metrics`` (it answers 404); the backend's
-  ``signals()`` is ``{}`` against it.  llama.cpp's own ``llama-server --metrics``
-  and vLLM do have one (see :mod:`workers.model_metrics`).
+  also skips that prefix's prefill.  We turn it on (512 MiB by default) with ``--n_batch 64``:
+  every entry copies the ``n_batch`` x vocabulary logits buffer, and Gemma's vocabulary is
+  262,144 tokens (512 MB per entry at the default n_batch 512, 67 MB at 64).
+- ``--logits_all False`` (its server defaults to True: logits for every context position, 1 GB
+  at n_ctx 1024 here, needed only for logprobs); ``--chat_format gemma`` (the GGUF has no chat
+  template; the fallback would be llama-2's).
+- **Metrics**: no Prometheus ``/metrics`` (it answers 404); the backend's ``signals()``
+  is ``{}`` against it (llama.cpp's own ``llama-server --metrics`` and vLLM have one: see
+  :mod:`workers.model_metrics`).  Nor usage in streamed replies (it ignores
+  ``stream_options``): the backend counts the streamed chunks instead.
 """
 
 from __future__ import annotations
