@@ -114,6 +114,13 @@ class Result:
     wall_s: float = 0.0
     prefix_hits: int = 0
 
+    def spread(self) -> str:
+        """Requests per server, e.g. ``17/16/15``."""
+        per_server = Counter()
+        for counts in self.placement.values():
+            per_server.update(counts)
+        return "/".join(str(per_server[i]) for i in sorted(per_server))
+
     def stickiness(self) -> float:
         """Share of requests that went to their system prompt's most used server."""
         total = sum(sum(c.values()) for c in self.placement.values())
@@ -356,8 +363,9 @@ def main() -> None:
         for server in servers:
             server.stop()
     print(f"\nbest of {args.rounds} round(s):\n")
-    print("| policy | requests | prefix hits | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | wall s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| policy | requests | per server | prefix hits | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms "
+          "| wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for policy in policies:
         print(_row(best[policy]))
     for policy in policies:
@@ -367,10 +375,10 @@ def main() -> None:
 
 def _row(r: Result) -> str:
     if not r.total_ms:
-        return f"| {r.policy} | 0 | {r.note or '; '.join(r.errors[:1]) or 'no result'} | | | | | |"
+        return f"| {r.policy} | 0 | {r.note or '; '.join(r.errors[:1]) or 'no result'} | | | | | | |"
     note = " (see below)" if r.note else ""
     errors = f", {len(r.errors)} errors" if r.errors else ""
-    return (f"| {r.policy}{note} | {len(r.total_ms)}{errors} | {r.prefix_hits / len(r.total_ms):.0%} | "
+    return (f"| {r.policy}{note} | {len(r.total_ms)}{errors} | {r.spread()} | {r.prefix_hits / len(r.total_ms):.0%} | "
             f"{pct(r.ttft_ms, 50):.0f} | {pct(r.ttft_ms, 99):.0f} | {pct(r.total_ms, 50):.0f} | "
             f"{pct(r.total_ms, 99):.0f} | {r.wall_s:.0f} |")
 
