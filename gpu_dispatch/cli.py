@@ -75,8 +75,12 @@ def servers_status() -> None:
 @click.option("--tenants", type=click.Choice(list(TENANT_PROFILES)), default=None,
               help="Other tenants' load on a simulated GPU [default: GPU_DISPATCH_SIM_TENANTS].")
 @click.option("--simulated", is_flag=True, help="Use a simulated GPU even where NVML answers.")
+@click.option("--real-model", is_flag=True,
+              help="Serve with the local llama.cpp server of this GPU (`gpu-dispatch model-server --gpu N`): "
+                   "GPU_DISPATCH_BACKEND=openai, GPU_DISPATCH_MODEL_NAME=gemma-3-270m.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(gpu: int, concurrency: int | None, tenants: str | None, simulated: bool, celery_args) -> None:
+def worker(gpu: int, concurrency: int | None, tenants: str | None, simulated: bool, real_model: bool,
+           celery_args) -> None:
     """Run the Celery worker of one GPU (extra arguments go to `celery worker`).
 
     The same as: celery -A gpu_dispatch worker --gpu N --pool threads --concurrency C -n gpuN@%h
@@ -86,6 +90,19 @@ def worker(gpu: int, concurrency: int | None, tenants: str | None, simulated: bo
         env["GPU_DISPATCH_SIM_TENANTS"] = tenants
     if simulated:
         env["GPU_DISPATCH_GPU_SOURCE"] = "simulated"
+    if real_model:
+        from gpu_dispatch.model_server import MODEL_ALIAS
+
+        env.update(GPU_DISPATCH_BACKEND="openai", GPU_DISPATCH_MODEL_NAME=MODEL_ALIAS)
+        port = celeryconfig.base_port + gpu
+        url = celeryconfig.openai_url or f"http://{celeryconfig.worker_ip or '127.0.0.1'}:{port}/v1/completions"
+        from workers.backends import OpenAIBackend
+
+        probe = OpenAIBackend(url, MODEL_ALIAS, celeryconfig.openai_connect_timeout, 5.0)
+        problem = probe.health()
+        probe.close()
+        if problem:
+            click.echo(f"warning: {problem}\n  start it with: gpu-dispatch model-server --gpu {gpu}", err=True)
     argv = gpu_worker_argv(gpu, concurrency or celeryconfig.max_concurrency) + list(celery_args)
     _exec(argv, env)
 
@@ -176,13 +193,19 @@ def status(once: bool, as_json: bool, interval: float, profile: str) -> None:
 
 
 @main.command("demo")
-@click.option("--prompts", default=300, show_default=True, help="Prompts to send.")
-@click.option("--rate", default=20.0, show_default=True, help="Prompts sent per second (the 4 GPUs serve about 25).")
+@click.option("--prompts", type=int, default=None,
+              help="Prompts to send [default: 300; 30 with --real-model].")
+@click.option("--rate", type=float, default=None,
+              help="Prompts sent per second [default: 20, which the 4 GPUs serve at about 25; 1 with --real-model].")
 @click.option("--keep", is_flag=True, help="Leave everything running afterwards (Ctrl-C stops it).")
 @click.option("--flower-port", default=5555, show_default=True, help="Port of Flower's web UI.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Where to save the plot [default: <GPU_DISPATCH_HOME>/demo/demo.png].")
-def demo(prompts: int, rate: float, keep: bool, flower_port: int, plot: str | None) -> None:
+@click.option("--real-model", is_flag=True,
+              help="Three GPU workers, each fronting its own llama.cpp server with Gemma 3 270M "
+                   "(needs the real-model extra).")
+def demo(prompts: int | None, rate: float | None, keep: bool, flower_port: int, plot: str | None,
+         real_model: bool) -> None:
     """Real dispatch over four simulated GPUs: servers, workers, beat, dispatcher, Flower, prompts, summary."""
     from pathlib import Path
 
@@ -190,9 +213,42 @@ def demo(prompts: int, rate: float, keep: bool, flower_port: int, plot: str | No
 
     from gpu_dispatch.demo import default_plot_path, run
 
+    prompts = prompts if prompts is not None else 30 if real_model else 300
+    rate = rate if rate is not None else 1.0 if real_model else 20.0
     if prompts < 1 or rate <= 0:
         raise click.BadParameter("--prompts must be at least 1 and --rate above 0")
-    sys.exit(run(prompts, rate, keep, flower_port, Path(plot) if plot else default_plot_path(), Console()))
+    sys.exit(run(prompts, rate, keep, flower_port, Path(plot) if plot else default_plot_path(), Console(),
+                 real_model=real_model))
+
+
+@main.command("model-server")
+@click.option("--gpu", "gpu", type=int, required=True,
+              help="GPU index of the worker it serves: it listens on GPU_DISPATCH_BASE_PORT + this.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Listen address (its API has no auth: keep it on loopback unless the network is trusted).")
+@click.option("--port", type=int, default=None, help="Port [default: GPU_DISPATCH_BASE_PORT + --gpu].")
+@click.option("--n-ctx", default=2048, show_default=True, help="Context size in tokens.")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: half this machine's cores].")
+@click.option("--gpu-layers", default=0, show_default=True,
+              help="Layers offloaded to the GPU (-1: all; needs llama-cpp-python built with CUDA).")
+@click.option("--cache-mb", default=512, show_default=True, help="RAM prompt cache (--cache); 0 turns it off.")
+def model_server(gpu: int, host: str, port: int | None, n_ctx: int, threads: int | None, gpu_layers: int,
+                 cache_mb: int) -> None:
+    """Run the llama.cpp server (llama-cpp-python, Gemma 3 270M) of one GPU worker, in the foreground.
+
+    Pair it with `gpu-dispatch worker --gpu N --real-model`. The same as:
+    python -m llama_cpp.server --model <GPU_DISPATCH_HOME>/models/gemma-3-270m-q4_k_m.gguf --port P ...
+    """
+    from gpu_dispatch.model_server import ModelServer, ModelServerError, ensure_model
+
+    try:
+        model = ensure_model(celeryconfig.home)
+    except ModelServerError as exc:
+        raise click.ClickException(str(exc)) from None
+    server = ModelServer(port or celeryconfig.base_port + gpu, model, celeryconfig.home, host=host,
+                         n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, cache_bytes=cache_mb << 20)
+    click.echo(f"model server of gpu{gpu}: {server.completions_url} (Ctrl-C stops it)", err=True)
+    _exec(server.argv(), {})
 
 
 @main.command("dead-letters")

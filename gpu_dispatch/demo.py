@@ -8,6 +8,12 @@ progress bar; prints requests per GPU, latency percentiles and how the share
 of requests tracked free memory (a text chart, and a plot saved to a file);
 then stops everything it started (``--keep`` leaves it running).
 
+``--real-model``: three GPU workers, each fronting its own llama.cpp server
+(llama-cpp-python, Gemma 3 270M, on loopback at the instance's port
+GPU_DISPATCH_BASE_PORT + GPU index) with ``GPU_DISPATCH_BACKEND=openai``; about
+30 real prompts; the summary also prints answers from several workers.  Needs
+the ``real-model`` extra.
+
 Exit status 1 if any request was lost (no result and no error on its
 AsyncResult), 2 if the set-up failed.
 """
@@ -38,6 +44,26 @@ SLOTS = 4
 #: Seconds to wait for every GPU to register.
 REGISTER_TIMEOUT = 90.0
 
+#: --real-model: fewer GPUs, each with a llama.cpp server (they share this machine's cores).
+REAL_GPUS = ((0, "idle"), (1, "bursty"), (2, "idle"))
+#: --real-model: inference slots per worker.  llama-cpp-python's server runs one request at a time,
+#: so a second slot only queues at the server; two keep it busy without hiding load from the scoring.
+REAL_SLOTS = 2
+REAL_ENV = {"GPU_DISPATCH_BACKEND": "openai", "GPU_DISPATCH_MODEL_NAME": "gemma-3-270m"}
+#: --real-model prompts (cycled).
+REAL_PROMPTS = (
+    "Explain in one sentence what a GPU does.",
+    "Write a haiku about a queue of requests.",
+    "What is the capital of Italy?",
+    "Give two tips for writing clear error messages.",
+    "Describe weighted random choice to a child.",
+    "Name three planets of the solar system.",
+    "What does a load balancer do?",
+    "Complete the sentence: The best thing about caches is",
+    "Translate 'good morning' into French.",
+    "Why do servers keep logs?",
+)
+
 
 @dataclass
 class Outcome:
@@ -50,34 +76,47 @@ class Outcome:
     free_memory: list[tuple[float, dict[str, int]]] = field(default_factory=list)
 
 
-def run(prompts: int, rate: float, keep: bool, flower_port: int, plot: Path | None, console) -> int:
+def run(prompts: int, rate: float, keep: bool, flower_port: int, plot: Path | None, console,
+        real_model: bool = False) -> int:
     home = Path(celeryconfig.home)
     logs = home / "demo"
     supervisor = Supervisor(logs)
     started_servers = []
-    console.print(f"[bold]gpu-dispatch demo[/bold] — logs in {logs}")
+    model_servers: list = []
+    gpus, slots = (REAL_GPUS, REAL_SLOTS) if real_model else (GPUS, SLOTS)
+    console.print(f"[bold]gpu-dispatch demo[/bold]{' --real-model' if real_model else ''} — logs in {logs}")
     try:
+        env = dict(DEMO_ENV)
+        if real_model:
+            env.update(REAL_ENV)
+            model_servers = _start_model_servers(gpus, home, console)
         for server in local_servers(celeryconfig):
             already_up = server.answering()
             console.print(f"  {server.start(timeout=120)}")
             if not already_up:  # stop afterwards only what this run started
                 started_servers.append(server)
-        env = dict(DEMO_ENV)
-        for gpu, tenants in GPUS:
-            supervisor.start(f"gpu{gpu}", gpu_worker_argv(gpu, SLOTS, node=f"demo-gpu{gpu}@%h"),
+        for gpu, tenants in gpus:
+            supervisor.start(f"gpu{gpu}", gpu_worker_argv(gpu, slots, node=f"demo-gpu{gpu}@%h"),
                              {**env, "GPU_DISPATCH_SIM_TENANTS": tenants, "GPU_DISPATCH_SIM_SEED": str(gpu)})
         supervisor.start("beat", beat_argv(str(logs / "celerybeat-schedule")), env)
         supervisor.start("dispatcher", dispatcher_argv(node="demo-dispatcher@%h"), env)
         supervisor.start("flower", flower_argv(flower_port), {**env, **flower_env("127.0.0.1")})
-        console.print(f"  4 GPU workers ({', '.join(f'gpu{g}: {t}' for g, t in GPUS)}), beat, a dispatcher "
-                      f"worker and Flower (http://127.0.0.1:{flower_port}) starting ...")
+        console.print(f"  {len(gpus)} GPU workers ({', '.join(f'gpu{g}: {t}' for g, t in gpus)}), beat, a "
+                      f"dispatcher worker and Flower (http://127.0.0.1:{flower_port}) starting ...")
         registry = Registry.from_config(celeryconfig)
         try:
-            _wait_for_gpus(registry, supervisor, console)
-            outcome = _send(prompts, rate, registry, console)
+            _wait_for_gpus(registry, supervisor, console, len(gpus))
+            if real_model:
+                outcome = _send(prompts, rate, registry, console,
+                                prompt=lambda n: REAL_PROMPTS[n % len(REAL_PROMPTS)],
+                                max_tokens=lambda n: 24, options={"temperature": 0.7}, timeout=300)
+            else:
+                outcome = _send(prompts, rate, registry, console)
         finally:
             registry.close()
-        _summarise(outcome, console, plot)
+        _summarise(outcome, console, plot, gpus)
+        if real_model:
+            _print_answers(outcome, console)
         if keep:
             console.print(f"\nStill running (--keep). Flower: http://127.0.0.1:{flower_port}  — stop with "
                           "Ctrl-C.")
@@ -89,6 +128,10 @@ def run(prompts: int, rate: float, keep: bool, flower_port: int, plot: Path | No
     finally:
         console.print("stopping the demo's processes ...")
         supervisor.stop_all()
+        for model_server in model_servers:
+            model_server.stop()
+        if model_servers:
+            console.print(f"  {len(model_servers)} model servers stopped")
         for server in started_servers:
             console.print(f"  {server.stop()}")
 
@@ -97,14 +140,57 @@ class DemoError(RuntimeError):
     pass
 
 
-def _wait_for_gpus(registry: Registry, supervisor: Supervisor, console) -> None:
+def _start_model_servers(gpus, home: Path, console) -> list:
+    """One llama.cpp server per GPU worker, at the worker's instance port, on loopback; started in turn."""
+    from gpu_dispatch.model_server import ModelServer, ModelServerError, ensure_model, missing_extra
+
+    problem = missing_extra()
+    if problem:
+        raise DemoError(problem)
+    servers = []
+    try:
+        with console.status("assembling the model (first run only) ..."):
+            model = ensure_model(home)
+        for gpu, _ in gpus:
+            server = ModelServer(celeryconfig.base_port + gpu, model, home, name=f"demo-gpu{gpu}",
+                                 share=len(gpus), n_ctx=1024)
+            servers.append(server)
+            with console.status(f"starting the model server of gpu{gpu} on port {server.port} ..."):
+                seconds = server.start()
+            console.print(f"  model server of gpu{gpu}: {server.url} (Gemma 3 270M, llama.cpp, "
+                          f"{server.n_threads} thread(s)) answered after {seconds:.1f} s; log {server.log_path}")
+    except ModelServerError as exc:
+        for server in servers:
+            server.stop()
+        raise DemoError(str(exc)) from None
+    return servers
+
+
+def _print_answers(outcome: "Outcome", console, per_gpu: int = 2) -> None:
+    from rich.markup import escape
+
+    console.print("\nanswers from the model servers (Gemma 3 270M; small, so not always sensible):")
+    shown: Counter = Counter()
+    for answer in outcome.answers:
+        queue = answer["gpu"]["queue"]
+        if shown[queue] >= per_gpu:
+            continue
+        shown[queue] += 1
+        usage = answer.get("usage") or {}
+        text = " ".join(answer["text"].split())
+        console.print(f"  [bold]{queue}[/bold] ({usage.get('completion_tokens', '?')} tokens, first after "
+                      f"{usage.get('ttft_ms', 0):.0f} ms): {escape(answer.get('prompt', ''))}")
+        console.print(f"      → {escape(text[:160])}")
+
+
+def _wait_for_gpus(registry: Registry, supervisor: Supervisor, console, count: int = len(GPUS)) -> None:
     deadline = time.monotonic() + REGISTER_TIMEOUT
-    with console.status("waiting for the 4 GPUs to register in Nacos ..."):
+    with console.status(f"waiting for the {count} GPUs to register in Nacos ..."):
         while time.monotonic() < deadline:
             if supervisor.dead():
                 raise DemoError(f"{', '.join(supervisor.dead())} exited; see its log in {supervisor.log_dir}")
             try:
-                if len(registry.list_instances()) >= len(GPUS):
+                if len(registry.list_instances()) >= count:
                     return
             except RegistryError:  # a Nacos that has just started may not take calls yet
                 pass
@@ -113,7 +199,8 @@ def _wait_for_gpus(registry: Registry, supervisor: Supervisor, console) -> None:
                     f"see the gpu*.log files in {supervisor.log_dir}")
 
 
-def _send(prompts: int, rate: float, registry: Registry, console) -> Outcome:
+def _send(prompts: int, rate: float, registry: Registry, console, prompt=None, max_tokens=None,
+          options: dict | None = None, timeout: float = 120) -> Outcome:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dispatcher import dispatch_inference
@@ -140,14 +227,15 @@ def _send(prompts: int, rate: float, registry: Registry, console) -> Outcome:
         answered = progress.add_task("answered", total=prompts)
         for n in range(prompts):
             sent_at = time.time()
-            pending.append((sent_at, dispatch_inference.delay(f"demo prompt {n}: explain GPU dispatch",
-                                                              max_tokens=24 + n % 16)))
+            text = prompt(n) if prompt else f"demo prompt {n}: explain GPU dispatch"
+            tokens = max_tokens(n) if max_tokens else 24 + n % 16
+            pending.append((sent_at, text, dispatch_inference.delay(text, max_tokens=tokens, **(options or {}))))
             outcome.sent += 1
             progress.advance(sending)
             time.sleep(max(0.0, start + (n + 1) / rate - time.time()))
-        for sent_at, result in pending:
+        for sent_at, text, result in pending:
             try:
-                answer = result.get(timeout=120)
+                answer = result.get(timeout=timeout)
             except Exception as exc:  # an error on the AsyncResult is an answer, not a loss
                 if type(exc).__name__ == "TimeoutError":
                     outcome.lost += 1
@@ -155,6 +243,7 @@ def _send(prompts: int, rate: float, registry: Registry, console) -> Outcome:
                     outcome.errors.append(f"{type(exc).__name__}: {exc}")
             else:
                 answer["sent_s"] = sent_at - start
+                answer["prompt"] = text
                 outcome.answers.append(answer)
                 outcome.latencies_ms.append((answer["timings"]["finished_at"] - sent_at) * 1000)
             progress.advance(answered)
@@ -163,7 +252,7 @@ def _send(prompts: int, rate: float, registry: Registry, console) -> Outcome:
     return outcome
 
 
-def _summarise(outcome: Outcome, console, plot: Path | None) -> None:
+def _summarise(outcome: Outcome, console, plot: Path | None, gpus=GPUS) -> None:
     from rich.table import Table
 
     per_gpu = Counter(a["gpu"]["queue"] for a in outcome.answers)
@@ -174,7 +263,7 @@ def _summarise(outcome: Outcome, console, plot: Path | None) -> None:
     latency = defaultdict(list)
     for answer, ms in zip(outcome.answers, outcome.latencies_ms):
         latency[answer["gpu"]["queue"]].append(ms)
-    tenants = {gpu_queue(DEMO_ENV["GPU_DISPATCH_WORKER_IP"], celeryconfig.base_port + g): t for g, t in GPUS}
+    tenants = {gpu_queue(DEMO_ENV["GPU_DISPATCH_WORKER_IP"], celeryconfig.base_port + g): t for g, t in gpus}
 
     table = Table(title=f"{len(outcome.answers)} answered, {len(outcome.errors)} errors, {outcome.lost} lost "
                         f"of {outcome.sent} sent")
