@@ -99,6 +99,13 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _choice(raw: str, allowed: set[str]) -> str:
     if raw not in allowed:
         raise ValueError(f"expected one of {', '.join(sorted(allowed))}")
@@ -307,6 +314,19 @@ max_prompt_bytes = _declare(
 max_tokens = _declare(
     "GPU_DISPATCH_MAX_TOKENS", 8192, "tokens",
     "largest max_tokens dispatch_inference accepts; a larger one is refused at delay()", _positive(int))
+affinity_prefix_chars = _declare(
+    "GPU_DISPATCH_AFFINITY_PREFIX_CHARS", 0, "characters",
+    "prefix affinity for every request: requests whose first this-many characters (of the prompt, or of the "
+    "system message) are the same go to the GPU that served that prefix last, if it is not overloaded; 0 "
+    "turns it off (a request can still ask with affinity_key=)", lambda raw: _non_negative_int(raw))
+affinity_slack = _declare(
+    "GPU_DISPATCH_AFFINITY_SLACK", 0.25, "fraction",
+    "how far above the average load (requests running and waiting) a GPU may be and still take a request "
+    "for affinity (bounded-load rule)", _positive(float))
+affinity_ttl = _declare(
+    "GPU_DISPATCH_AFFINITY_TTL", 600, "seconds",
+    "how long a prefix is remembered for the GPU that served it (about as long as its model server keeps it "
+    "cached)", _positive(int))
 max_reading_age = _declare(
     "GPU_DISPATCH_MAX_READING_AGE", 15.0, "seconds",
     "a GPU whose metadata reading is older than this gets no work (keep it above twice "

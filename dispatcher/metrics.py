@@ -40,3 +40,6 @@ REGISTRY_OUTAGE = Gauge("gpu_dispatch_registry_outage_seconds", "Seconds Nacos h
 #: What became of the registry's entries, by kind (see dispatcher.trust.Verdict.kind).
 VERDICT_KINDS = ("trusted", "drained", "unhealthy", "unclaimed", "forged", "malformed", "schema", "queue")
 INSTANCES = Gauge("gpu_dispatch_instances", "Registry entries by verdict (trusted, or why excluded)", ["verdict"])
+#: Requests with prefix affinity: sent to the GPU of their prefix (kept), or elsewhere (moved: it was
+#: overloaded, or not eligible).
+AFFINITY = Counter("gpu_dispatch_affinity_total", "Requests with prefix affinity, by outcome", ["outcome"])

@@ -130,6 +130,10 @@ def scoring_request(options: Mapping[str, Any], default_memory_mb: float = 0.0,
         raise InvalidRequest(f"max_tokens must be a whole number above 0 or None, not {max_tokens!r}")
     if max_tokens is not None and max_tokens_limit is not None and max_tokens > max_tokens_limit:
         raise InvalidRequest(f"max_tokens is {max_tokens}; the limit is {max_tokens_limit} (GPU_DISPATCH_MAX_TOKENS)")
+    affinity_key = options.get("affinity_key")
+    if affinity_key is not None and (not isinstance(affinity_key, str) or not affinity_key or len(affinity_key) > 1000):
+        raise InvalidRequest(f"affinity_key must be a non-empty str of at most 1000 characters (a session, a "
+                             f"conversation, a system prompt's name), not {_short(affinity_key)}")
     memory_mb = options.get("memory_mb")
     if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, (int, float))
                                   or not math.isfinite(memory_mb) or memory_mb < 0):

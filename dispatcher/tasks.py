@@ -20,6 +20,7 @@ then follows the request to its stored outcome (``docs/dispatcher.md``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -36,10 +37,13 @@ from dispatcher.errors import InvalidRequest, NoGpuAvailable
 from dispatcher.request import check, scoring_request
 from gpu_dispatch.celery import app
 from gpu_dispatch.contract import ATTEMPT_HEADER, DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_TASK
+from gpu_dispatch.ledger import PREFIX
 from scoring import NoEligibleGpu, Request
 
 log = logging.getLogger(__name__)
 
+#: Broker keys of prefix affinity: hash of the prefix or affinity_key → the GPU queue that served it last.
+AFFINITY_PREFIX = PREFIX + "affinity:"
 #: apply_async options that mean Celery's own canvas machinery is involved (callbacks, chains,
 #: chords, retries): those calls take the central path, where Task.replace carries them over.
 _CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id", "retries")
@@ -52,14 +56,25 @@ def hand_on(view: views.RegistryView, task_id: str, prompt: str, options: dict[s
     The one way a request reaches a GPU the first time (producer and central
     path).  Returns the queue, or ``None`` when the ledger already holds this
     task id (a second ``dispatch`` delivery of a request a dead dispatcher had
-    already handed on: it is not sent again).
+    already handed on: it is not sent again).  A request with prefix affinity
+    prefers the GPU that served its prefix last (``docs/dispatcher.md``).
 
     :raises NoEligibleGpu: no GPU can take it now.
     """
-    decision = view.choose(request, task_id, path=path)
+    affinity = affinity_of(prompt, options, app.conf.affinity_prefix_chars)
+    prefer = _wait_out_outage(lambda: view.ledger.client.get(affinity)) if affinity else None
+    decision = view.choose(request, task_id, path=path, prefer=prefer.decode() if prefer else None)
     queue = decision.chosen.state.queue
     message = {"args": [prompt], "kwargs": options, "parent_id": parent_id, "root_id": root_id}
-    if not _wait_out_outage(lambda: view.ledger.dispatch(task_id, queue, request.memory_mb, message, path)):
+
+    def record() -> bool:
+        with view.ledger.client.pipeline(transaction=False) as pipe:
+            view.ledger.dispatch(task_id, queue, request.memory_mb, message, path, pipe=pipe)
+            if affinity:
+                pipe.set(affinity, queue, ex=app.conf.affinity_ttl)
+            return bool(pipe.execute()[0])
+
+    if not _wait_out_outage(record):
         log.warning("task %s is already in the ledger: handed on before (by a dispatcher that died before "
                     "acknowledging); not sent again", task_id)
         return None
@@ -67,6 +82,26 @@ def hand_on(view: views.RegistryView, task_id: str, prompt: str, options: dict[s
     app.send_task(INFERENCE_TASK, args=(prompt,), kwargs=options, task_id=task_id, queue=queue,
                   parent_id=parent_id, root_id=root_id or task_id, headers={ATTEMPT_HEADER: 1})
     return queue
+
+
+def affinity_of(prompt: str, options: dict[str, Any], prefix_chars: int) -> str | None:
+    """The broker key remembering the GPU of this request's prefix, or ``None`` without affinity.
+
+    ``affinity_key=`` (a session, a conversation, a system prompt's name) when given; else, with
+    ``GPU_DISPATCH_AFFINITY_PREFIX_CHARS`` above 0, the first that many characters of the system
+    message (chat) or of the prompt.
+    """
+    key = options.get("affinity_key")
+    if key is None and prefix_chars:
+        messages = options.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+            system = next((m for m in messages if isinstance(m, dict) and m.get("role") == "system"), messages[0])
+            key = "messages:" + str(system.get("content", ""))[:prefix_chars]
+        else:
+            key = "prompt:" + prompt[:prefix_chars]
+    if key is None:
+        return None
+    return AFFINITY_PREFIX + hashlib.sha256(str(key).encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 #: Seconds a caller's delay() waits for an unreachable broker before it raises (as Celery's own

@@ -115,6 +115,9 @@ def _judge(entry: Instance | None, iid: str, claim: Claim, owners: Mapping[str, 
         return _excluded(entry, iid, "drained", claim, "weight 0 in Nacos: drained, no new work", state)
     if not healthy:
         return _excluded(entry, iid, "unhealthy", claim, "unhealthy in Nacos", state)
+    if metadata.get("backend_error"):
+        return _excluded(entry, iid, "unhealthy", claim, f"its model server does not answer: "
+                                                         f"{metadata['backend_error']}", state)
     return Verdict(entry, iid, state, state, None, note, "trusted", claim)
 
 

@@ -59,8 +59,10 @@ class RegistryView:
 
     def __init__(self, *, registry_factory: Callable[[], Registry], broker: redis.Redis, profile: Profile,
                  reconcile_interval: float, poll_interval: float, service: str,
-                 rng: random.Random | None = None, registry_outage_after: float | None = None) -> None:
+                 rng: random.Random | None = None, registry_outage_after: float | None = None,
+                 affinity_slack: float = 0.25) -> None:
         self.profile = profile
+        self.affinity_slack = affinity_slack
         self.service = service
         self._registry_factory = registry_factory
         self.broker = broker
@@ -95,7 +97,7 @@ class RegistryView:
                    broker=brokers.client(get("broker_url"), get("broker_transport_options")),
                    profile=get_profile(get("dispatch_profile"), get("max_reading_age")),
                    reconcile_interval=get("reconcile_interval"), poll_interval=get("queue_depth_interval"),
-                   service=get("nacos_service"), rng=overrides.get("rng"))
+                   service=get("nacos_service"), rng=overrides.get("rng"), affinity_slack=get("affinity_slack"))
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -145,11 +147,12 @@ class RegistryView:
             out.append(c)
         return out
 
-    def choose(self, request: Request, task_id: str = "", *, path: str) -> Decision:
+    def choose(self, request: Request, task_id: str = "", *, path: str, prefer: str | None = None) -> Decision:
         """Pick the GPU for ``request`` (call :meth:`sent` once it is recorded in the ledger).
 
         :param task_id: the request's task id, for the decision's log line.
         :param path: ``producer``, ``central`` or ``recovery``, for the decision counter.
+        :param prefer: the queue this request has prefix affinity with (see :func:`scoring.choose`).
         :raises NoEligibleGpu: when no GPU can take it; the message lists why.
         """
         now_ms = int(time.time() * 1000)
@@ -157,7 +160,8 @@ class RegistryView:
             candidates = self._with_local()
             excluded = {v.instance: v.reason for v in self._verdicts if v.reason}
         try:
-            decision = choose(candidates, request, profile=self.profile, rng=self._rng, now_ms=now_ms)
+            decision = choose(candidates, request, profile=self.profile, rng=self._rng, now_ms=now_ms,
+                              prefer=prefer, prefer_slack=self.affinity_slack)
         except NoEligibleGpu as exc:
             if not candidates and excluded:
                 raise NoEligibleGpu(excluded, request.describe()) from exc
@@ -166,6 +170,8 @@ class RegistryView:
             raise NoEligibleGpu({**exc.reasons, **excluded}, request.describe()) from exc
         chosen = decision.chosen.state
         metrics.DECISIONS.labels(chosen.queue, path).inc()
+        if prefer is not None:
+            metrics.AFFINITY.labels("kept" if chosen.queue == prefer else "moved").inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s → %s (queue %s) by profile %s; candidates: %s", task_id or "-", chosen.key,
                       chosen.queue, self.profile.name, _rows(decision))

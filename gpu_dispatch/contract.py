@@ -53,6 +53,14 @@ METADATA_KEYS: dict[str, tuple[str, str]] = {
     "max_concurrency": ("4", "inference slots of the worker"),
     "schema": (METADATA_SCHEMA, "version of this layout"),
 }
+#: Keys a GPU worker publishes only when it has something to say: the model server's own load (vLLM's
+#: /metrics; llama.cpp's server has none) and why the model server does not answer.
+OPTIONAL_METADATA_KEYS: dict[str, tuple[str, str]] = {
+    "model_waiting": ("3", "requests waiting inside the model server (vllm:num_requests_waiting)"),
+    "model_running": ("8", "requests the model server is running (vllm:num_requests_running)"),
+    "kv_cache_used_pct": ("41.5", "the model server's KV cache in use, percent (vllm:kv_cache_usage_perc)"),
+    "backend_error": ("cannot reach http://10.0.0.5:8000", "the model server does not answer: no work is sent here"),
+}
 #: The seed article's keys, which its clients read.
 SEED_KEYS = ("gpu_index", "memory_total_mb", "memory_used_mb", "memory_free_mb", "gpu_util",
              "concurrent_requests", "model_name")

@@ -7,6 +7,7 @@ status view.  Both are pure: the only randomness is the ``rng`` passed in.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from functools import cached_property
@@ -77,7 +78,8 @@ class Decision:
 
 
 def choose(candidates: Sequence[Candidate], request: Request, *, profile: Profile | str = DEFAULT_PROFILE,
-           rng: random.Random | None = None, now_ms: int) -> Decision:
+           rng: random.Random | None = None, now_ms: int, prefer: str | None = None,
+           prefer_slack: float = 0.25) -> Decision:
     """Choose the GPU for ``request``.
 
     :param candidates: every GPU the registry lists that parsed, with this
@@ -88,6 +90,10 @@ def choose(candidates: Sequence[Candidate], request: Request, *, profile: Profil
     :param rng: the source of randomness; a module-level generator when ``None``.
         Pass a seeded ``random.Random`` to reproduce a run.
     :param now_ms: the caller's clock, Unix ms, against which readings age.
+    :param prefer: the queue of a GPU this request has affinity with (it served the same prompt prefix
+        recently, so its model server has it cached): chosen when eligible and not overloaded — see
+        :func:`within_bounded_load`; otherwise the picker decides as usual.
+    :param prefer_slack: how far above the average load the preferred GPU may be (ε).
     :raises NoEligibleGpu: when there are no candidates or every one was
         filtered out; its message lists each GPU and why. Never an empty pick.
     :raises InvalidParameter: when ``profile`` names no profile.
@@ -98,8 +104,37 @@ def choose(candidates: Sequence[Candidate], request: Request, *, profile: Profil
     eligible, scores, dropped = _evaluate(candidates, request, profile, now_ms)
     if not eligible:
         raise NoEligibleGpu({c.state.key: dropped[id(c)] for c in candidates}, request.describe())
-    index = profile.picker.pick(scores, rng or _RNG)
+    index = _preferred(eligible, prefer, prefer_slack) if prefer is not None else None
+    if index is None:
+        index = profile.picker.pick(scores, rng or _RNG)
     return Decision(profile, candidates, eligible, scores, dropped, index)
+
+
+#: Requests a preferred GPU may hold above the bounded-load rule's ceiling: at the loads of a few
+#: requests the ceiling alone moves a prefix for one request's difference (a count a moment old, at
+#: that), while a prompt-cache hit saves the whole prefill (docs/real-model.md measures it).
+PREFER_HEADROOM = 2
+
+
+def within_bounded_load(loads: Sequence[int], index: int, slack: float, headroom: int = PREFER_HEADROOM) -> bool:
+    """Whether the GPU at ``index`` may take one more request and stay within the bound.
+
+    Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, SODA 2018): a key goes to
+    its preferred server unless that server's load, counting this request, would exceed
+    ``ceil((1 + slack) × average) + headroom``, the average counting this request too.  With ``slack``
+    0.25 no GPU takes more than 25 % above the mean (plus ``headroom`` requests) because of affinity,
+    however popular one prefix is.  O(n).
+    """
+    total = sum(loads) + 1
+    bound = math.ceil((1.0 + slack) * total / len(loads)) + headroom
+    return loads[index] + 1 <= bound
+
+
+def _preferred(eligible: list[Candidate], queue: str, slack: float) -> int | None:
+    for i, c in enumerate(eligible):
+        if c.state.queue == queue:
+            return i if within_bounded_load([e.in_flight for e in eligible], i, slack) else None
+    return None
 
 
 def explain(candidates: Sequence[Candidate], request: Request, *, profile: Profile | str = DEFAULT_PROFILE,

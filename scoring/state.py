@@ -90,6 +90,11 @@ class GpuState:
     #: Memory this worker's own running requests held at the reading, MB (part of ``memory_used_mb``).
     held_mb: float = 0.0
     incarnation: str = ""
+    #: The model server's own load, when it publishes one (vLLM): requests waiting and running inside
+    #: it, and its KV cache in use (percent); ``None`` when not published.
+    model_waiting: int | None = None
+    model_running: int | None = None
+    kv_cache_used_pct: float | None = None
 
     @property
     def tenant_mb(self) -> float:
@@ -170,6 +175,9 @@ def parse_instance(ip: str, port: int, metadata: Mapping[str, str], *, healthy: 
         gpu_uuid=read.optional_text("gpu_uuid"), schema=read.optional_text("schema"),
         updated_at_ms=updated_at, healthy=bool(healthy), enabled=bool(enabled), held_mb=min(held, used),
         incarnation=read.optional_text("incarnation"),
+        model_waiting=read.whole("model_waiting", high=MAX_COUNT, required=False),
+        model_running=read.whole("model_running", high=MAX_COUNT, required=False),
+        kv_cache_used_pct=read.number("kv_cache_used_pct", high=100, required=False),
     )
 
 

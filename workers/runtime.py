@@ -25,7 +25,7 @@ from gpu_dispatch.ledger import Ledger, ledger_mb
 from gpu_dispatch.ownership import Ownership, QueueTaken, instance_id
 from gpu_dispatch.registry import Registry
 from workers.admission import Admission
-from workers.backends import open_backend
+from workers.backends import BackendError, open_backend
 from workers.gpu import InFlight, open_gpu
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ T = TypeVar("T")
 
 #: Longest wait between two tries of a ledger write while the broker is unreachable, seconds.
 BROKER_RETRY_MAX_S = 2.0
+#: Longest backend_error published (the metadata map must stay under the contract's limit).
+BACKEND_ERROR_CHARS = 120
 #: Seconds between two batches of settled outcomes.
 SETTLE_EVERY_S = 0.05
 
@@ -84,7 +86,9 @@ class GpuWorker:
         self.inflight = InFlight()
         self.gpu = open_gpu(gpu_index, conf.gpu_source, total_mb=conf.sim_memory_mb, tenants=conf.sim_tenants,
                             seed=conf.sim_seed, inflight=self.inflight)
-        self.backend = open_backend(conf, self.gpu, self.ip, self.port)
+        self.backend = open_backend(conf, self.gpu, self.ip, self.port, max_connections=concurrency + 2)
+        self._backend_error: str | None = None
+        self._backend_signals: dict[str, str] = {}
         self.admission = Admission(self.gpu.room_mb, self.inflight)
         self.redis = broker.client(conf.broker_url, conf.broker_transport_options)
         self.ledger = Ledger(self.redis, keep_s=conf.result_expires)
@@ -131,10 +135,31 @@ class GpuWorker:
             "schema": contract.METADATA_SCHEMA,
         }
         assert set(metadata) == set(contract.METADATA_KEYS), "the contract and the writer disagree"
+        metadata.update(self._backend_signals)
+        if self._backend_error:
+            metadata["backend_error"] = self._backend_error[:BACKEND_ERROR_CHARS]
         return metadata
 
+    def check_backend(self) -> str | None:
+        """Ask the backend whether its model server answers, and for its load signals (each at most 2 s);
+        the next reading carries them.  Returns why it does not answer, or ``None``."""
+        error = self.backend.health()
+        if error != self._backend_error:
+            if error:
+                log.error("model server of GPU %s does not answer: %s — no work is sent here until it does",
+                          self.gpu_index, error)
+            elif self._backend_error:
+                log.warning("model server of GPU %s answers again", self.gpu_index)
+        self._backend_error = error
+        self._backend_signals = {} if error else {k: v for k, v in self.backend.signals().items()
+                                                  if k in contract.OPTIONAL_METADATA_KEYS}
+        return error
+
     def check_metadata_size(self) -> None:
-        size = contract.metadata_size(self.metadata())
+        # The largest map this worker may publish: with every optional key at its longest.
+        largest = {**self.metadata(), "backend_error": "x" * BACKEND_ERROR_CHARS, "model_waiting": "100000",
+                   "model_running": "100000", "kv_cache_used_pct": "100.0"}
+        size = contract.metadata_size(largest)
         if size > contract.METADATA_LIMIT:
             raise ValueError(f"instance metadata would be {size} characters, over our limit of "
                              f"{contract.METADATA_LIMIT} (Nacos refuses 1,024): shorten the worker name (-n), "
@@ -154,6 +179,7 @@ class GpuWorker:
         with self._lock:
             if self._withdrawn:
                 return None
+            self.check_backend()
             metadata = self.metadata()
             try:
                 self.ownership.publishing(metadata)
@@ -257,6 +283,7 @@ class GpuWorker:
         self._settler.join(10)
         if self._lease_thread is not None:
             self._lease_thread.join(5)
+        self.backend.close()
         try:
             self.ownership.release()
         except redis.RedisError as exc:
@@ -304,12 +331,25 @@ class GpuWorker:
                     raise Skipped("moved")
             try:
                 yield
+            except BackendError:
+                self.check_backend()  # a model server that stopped answering is taken out of dispatch now
+                if self._backend_error:
+                    self._renew_now()
+                self._claim_outcome(task_id, tracked)
+                raise
             except Exception:
                 self._claim_outcome(task_id, tracked)
                 raise
             self._claim_outcome(task_id, tracked)
         finally:
             self.admission.leave(ticket)
+
+    def _renew_now(self) -> None:
+        try:
+            self.ownership.reading(self.metadata())
+            self.ownership.renew()
+        except (redis.RedisError, QueueTaken):  # the lease thread tries again within a second
+            pass
 
     def _claim_outcome(self, task_id: str, tracked: bool) -> None:
         if not tracked:

@@ -180,3 +180,19 @@ def test_a_gpu_registering_during_the_wait_takes_the_request(service_name, celer
     start_gpus(service_name, celery_processes, ["idle"])
 
     assert result.get(timeout=60)["gpu"]["queue"] == "gpu.127.0.0.1.8000"
+
+
+def test_requests_sharing_an_affinity_key_stay_on_one_gpu_while_balanced_and_spread_when_it_is_overloaded(
+        service_name, celery_processes, producer_view):
+    start_gpus(service_name, celery_processes, ["idle", "idle"], env={"GPU_DISPATCH_SIM_MS_PER_TOKEN": "5"})
+    wait_for_gpus(producer_view, 2)
+
+    one_at_a_time = [dispatch_inference.delay(f"turn {n}", max_tokens=4, affinity_key="conversation-1")
+                     .get(timeout=30)["gpu"]["queue"] for n in range(12)]
+    assert len(set(one_at_a_time)) == 1  # its prefix stays where it is cached
+
+    burst = [dispatch_inference.delay(f"burst {n}", max_tokens=200, affinity_key="conversation-1")
+             for n in range(16)]
+    served = collections.Counter(r.get(timeout=90)["gpu"]["queue"] for r in burst)
+    print(f"\none at a time: all on {one_at_a_time[0]}; a burst of 16 of the same prefix: {dict(served)}")
+    assert len(served) == 2 and min(served.values()) >= 4  # bounded load: the other GPU takes its share
