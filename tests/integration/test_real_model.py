@@ -164,3 +164,41 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_the_full_path_from_delay_to_real_tokens_and_a_killed_model_server_takes_its_gpu_out(
+        model_path, tmp_path, service_name, celery_processes, producer_view):
+    """dispatch_inference.delay() → GPU worker → llama.cpp → real tokens; then the model server dies: the
+    request's AsyncResult says why, and the worker takes itself out of dispatch."""
+    from dispatcher import dispatch_inference
+    from gpu_dispatch.celery import app
+    from tests.support import start_gpu_worker, wait_until
+
+    model = ModelServer(_port(3), model_path, tmp_path, n_ctx=1024, name="full-path-model-server")
+    try:
+        model.start()
+        # The instance's port is the model server's (GPU_DISPATCH_BASE_PORT + GPU index), as in the seed.
+        worker = start_gpu_worker(app, 0, service_name, env={
+            "GPU_DISPATCH_BACKEND": "openai", "GPU_DISPATCH_BASE_PORT": str(model.port),
+            "GPU_DISPATCH_MODEL_NAME": model.alias, "GPU_DISPATCH_REFRESH_INTERVAL": "1"})
+        celery_processes.append(worker)
+        wait_until(producer_view.candidates, 60, "the GPU in the dispatcher's view")
+
+        answer = dispatch_inference.delay("The capital of France is", max_tokens=8, temperature=0.0).get(timeout=120)
+        assert answer["text"].strip() and answer["model"] == model.alias
+        assert answer["gpu"]["port"] == model.port
+        assert 1 <= answer["usage"]["completion_tokens"] <= 8 and answer["usage"]["ttft_ms"] > 0
+        print(f"\nreal tokens through dispatch: {answer['text']!r}, usage {answer['usage']}")
+
+        model.kill()
+        with pytest.raises(BackendError) as error:
+            dispatch_inference.delay("Hello?", max_tokens=4).get(timeout=60)
+        assert model.completions_url in str(error.value)
+
+        def excluded() -> str | None:
+            return next((v.reason for v in producer_view.verdicts() if v.reason), None)
+
+        reason = wait_until(excluded, 30, "the worker to take itself out of dispatch")
+        assert "model server does not answer" in reason
+    finally:
+        model.stop()
