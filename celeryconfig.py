@@ -157,9 +157,6 @@ redis_socket_connect_timeout = 5
 task_publish_retry_policy = {"max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 #: Celery's consumer, setting aside in the dead-letter list what it cannot run (gpu_dispatch/consumer.py).
 worker_consumer = "gpu_dispatch.consumer:Consumer"
-#: kombu's Redis transport with two faults worked around (gpu_dispatch/transport.py).
-broker_transport = ("gpu_dispatch.transport:SentinelTransport" if broker_url.startswith("sentinel://")
-                    else "gpu_dispatch.transport:Transport")
 
 # --- Nacos (the live registry of GPUs) --------------------------------------
 
@@ -232,6 +229,8 @@ python_callable = _declare(
 # Simulated GPUs (where no NVML driver answers, or GPU_DISPATCH_GPU_SOURCE=simulated).
 sim_memory_mb = _declare(
     "GPU_DISPATCH_SIM_MEMORY_MB", 81920, "MiB", "total memory of a simulated GPU", _positive(int))
+sim_gpus = _declare(
+    "GPU_DISPATCH_SIM_GPUS", 8, "GPUs", "GPUs a host of simulated GPUs has: --gpu must be below it", _positive(int))
 sim_tenants = _declare(
     "GPU_DISPATCH_SIM_TENANTS", "idle", "|".join(TENANT_PROFILES),
     "load other tenants put on a simulated GPU",

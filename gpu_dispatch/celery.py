@@ -9,6 +9,11 @@ worker (:mod:`dispatcher.steps`).
 
 from celery import Celery
 from click import Option
+from kombu.transport import TRANSPORT_ALIASES
+
+# redis:// and sentinel:// URLs get kombu's transports with two faults worked around
+# (gpu_dispatch/transport.py); the URLs, and what logs show of them, stay as they are.
+TRANSPORT_ALIASES.update(redis="gpu_dispatch.transport:Transport", sentinel="gpu_dispatch.transport:SentinelTransport")
 
 app = Celery("gpu_dispatch")
 app.config_from_object("celeryconfig")

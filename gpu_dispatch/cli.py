@@ -69,8 +69,8 @@ def servers_status() -> None:
 
 
 @main.command("worker", context_settings={"ignore_unknown_options": True})
-@click.option("--gpu", "gpu", type=int, required=True, help="Index of the GPU this worker serves.")
-@click.option("--concurrency", "-c", type=int, default=None,
+@click.option("--gpu", "gpu", type=click.IntRange(min=0), required=True, help="Index of the GPU this worker serves.")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=None,
               help="Inference slots [default: GPU_DISPATCH_MAX_CONCURRENCY].")
 @click.option("--tenants", type=click.Choice(list(TENANT_PROFILES)), default=None,
               help="Other tenants' load on a simulated GPU [default: GPU_DISPATCH_SIM_TENANTS].")

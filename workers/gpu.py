@@ -216,8 +216,11 @@ class SimulatedGpu:
                           source=self.source)
 
 
-def open_gpu(index: int, source: str, *, total_mb: int, tenants: str, seed: int, inflight: InFlight) -> Gpu:
+def open_gpu(index: int, source: str, *, total_mb: int, tenants: str, seed: int, inflight: InFlight,
+             simulated_count: int = 8) -> Gpu:
     """The GPU a worker reads: NVML, simulated, or (``auto``) NVML when a driver answers."""
+    if index < 0:
+        raise ValueError(f"--gpu {index}: a GPU index is 0 or more")
     if source in {"nvml", "auto"}:
         try:
             return NvmlGpu(index)
@@ -226,4 +229,7 @@ def open_gpu(index: int, source: str, *, total_mb: int, tenants: str, seed: int,
                 raise NvmlUnavailable(f"{exc} (GPU_DISPATCH_GPU_SOURCE=nvml; use 'simulated' or 'auto' on a "
                                       "machine without NVIDIA GPUs)") from exc
             log.info("no NVML GPU %s (%s): using a simulated GPU", index, exc)
+    if index >= simulated_count:
+        raise ValueError(f"--gpu {index}: this host has {simulated_count} simulated GPUs (indices 0.."
+                         f"{simulated_count - 1}); pass another --gpu or raise GPU_DISPATCH_SIM_GPUS")
     return SimulatedGpu(index, total_mb, tenants, seed, inflight)

@@ -85,7 +85,7 @@ class GpuWorker:
         self.instance = instance_id(self.ip, self.port)
         self.inflight = InFlight()
         self.gpu = open_gpu(gpu_index, conf.gpu_source, total_mb=conf.sim_memory_mb, tenants=conf.sim_tenants,
-                            seed=conf.sim_seed, inflight=self.inflight)
+                            seed=conf.sim_seed, inflight=self.inflight, simulated_count=conf.sim_gpus)
         self.backend = open_backend(conf, self.gpu, self.ip, self.port, max_connections=concurrency + 2)
         self._backend_error: str | None = None
         self._backend_signals: dict[str, str] = {}

@@ -69,7 +69,10 @@ class GpuWorkerStep(bootsteps.StartStopStep):
         # physical, so reading the GPU is unaffected); an operator's own setting wins.
         if not os.environ.get("CUDA_VISIBLE_DEVICES"):
             os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        gpu_worker = runtime.GpuWorker(worker.app.conf, gpu, worker.hostname, worker.concurrency)
+        try:
+            gpu_worker = runtime.GpuWorker(worker.app.conf, gpu, worker.hostname, worker.concurrency)
+        except (ValueError, RuntimeError) as exc:  # a bad --gpu, NVML or backend setting: say which, and stop
+            raise ImproperlyConfigured(str(exc)) from None
         runtime.install(gpu_worker)
         if queues:  # the operator named queues with -Q: consume ours as well
             worker.app.amqp.queues.select_add(gpu_worker.queue)

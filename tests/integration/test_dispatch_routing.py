@@ -196,3 +196,26 @@ def test_requests_sharing_an_affinity_key_stay_on_one_gpu_while_balanced_and_spr
     served = collections.Counter(r.get(timeout=90)["gpu"]["queue"] for r in burst)
     print(f"\none at a time: all on {one_at_a_time[0]}; a burst of 16 of the same prefix: {dict(served)}")
     assert len(served) == 2 and min(served.values()) >= 4  # bounded load: the other GPU takes its share
+
+
+def test_calling_dispatch_inference_directly_does_what_delay_get_does(service_name, celery_processes,
+                                                                       producer_view):
+    start_gpus(service_name, celery_processes, ["idle"])
+    wait_for_gpus(producer_view, 1)
+    answer = dispatch_inference("called directly", max_tokens=2)
+    assert answer["text"] and answer["gpu"]["queue"] == "gpu.127.0.0.1.8000"
+
+
+def test_an_inference_over_the_time_limit_is_answered_with_an_error_and_its_late_result_discarded(
+        service_name, celery_processes, producer_view):
+    from dispatcher.errors import InferenceTimeLimitExceeded
+
+    [worker] = start_gpus(service_name, celery_processes, ["idle"], env={"GPU_DISPATCH_SIM_MS_PER_TOKEN": "30"})
+    start_dispatcher(service_name, celery_processes, {"GPU_DISPATCH_MAX_INFERENCE_SECONDS": "2"})
+    wait_for_gpus(producer_view, 1)
+    result = dispatch_inference.delay("slow", max_tokens=300)  # about 9 s, the limit is 2 s
+
+    with pytest.raises(InferenceTimeLimitExceeded, match="GPU_DISPATCH_MAX_INFERENCE_SECONDS"):
+        result.get(timeout=30)
+    wait_until(lambda: "this outcome is discarded" in worker.log(lines=300), 30, "the late result discarded")
+    assert result.state == "FAILURE"
