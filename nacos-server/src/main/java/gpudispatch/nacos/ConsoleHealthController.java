@@ -12,8 +12,9 @@ import org.springframework.web.bind.annotation.RestController;
 
 /**
  * The console module's health endpoints, at the same paths ({@code /nacos/v1/console/health/...}).
- * Readiness is 200 only when the config store answers (as in the console) and the naming module
- * reports UP (stricter than the console, which only calls the naming metrics endpoint).
+ * Readiness is 200 only when the config store answers (as in the console), the naming module
+ * reports UP (stricter than the console, which only calls the naming metrics endpoint) and the
+ * initial admin user, when one is configured, is in place ({@link AdminBootstrap}).
  */
 @RestController("consoleHealthController")
 @RequestMapping("/v1/console/health")
@@ -24,6 +25,9 @@ public class ConsoleHealthController {
 
     @Autowired
     private ServerStatusManager serverStatusManager;
+
+    @Autowired
+    private AdminBootstrap adminBootstrap;
 
     @GetMapping("/liveness")
     public ResponseEntity<String> liveness() {
@@ -40,6 +44,10 @@ public class ConsoleHealthController {
         ServerStatus naming = serverStatusManager.getServerStatus();
         if (naming != ServerStatus.UP) {
             return ResponseEntity.status(HttpStatus.INTERNAL_SERVER_ERROR).body("Naming is not in readiness: " + naming);
+        }
+        if (!adminBootstrap.ready()) {
+            return ResponseEntity.status(HttpStatus.INTERNAL_SERVER_ERROR)
+                    .body("Auth is not in readiness: the admin user is not set up yet (" + adminBootstrap.lastFailure() + ")");
         }
         return ResponseEntity.ok("OK");
     }
