@@ -35,14 +35,15 @@ import base64
 import hashlib
 import json
 import os
-import secrets
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,11 @@ LOG_TAIL_LINES = 25
 CLUSTER_PORT_STEP = 20
 #: Nodes of a local Nacos cluster.
 CLUSTER_SIZE = 3
+#: How the readiness endpoint of a cluster node in Nacos 2.0's 1.x compatibility mode begins
+#: (nacos-server's ConsoleHealthController).
+COMPATIBILITY_MODE = "Naming is in 1.x compatibility mode"
+#: Times a cluster node that exits while the cluster forms is launched again (see NacosCluster.start).
+CLUSTER_RELAUNCHES = 2
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -321,14 +327,41 @@ class NacosServer(LocalServer):
         return f"http://{self.host}:{self.port}/nacos/v1/console/health/readiness"
 
     def answering(self) -> bool:
+        if self.readiness()[0] != 200:
+            return False
         try:
-            with urllib.request.urlopen(self.readiness_url, timeout=2) as reply:
-                if reply.status != 200:
-                    return False
             with socket.create_connection((self.host, self.grpc_port), timeout=1):
                 return True
-        except (OSError, urllib.error.URLError):
+        except OSError:
             return False
+
+    def readiness(self) -> tuple[int, str]:
+        """Status and body of the readiness endpoint; ``(0, reason)`` when it does not answer."""
+        try:
+            with urllib.request.urlopen(self.readiness_url, timeout=2) as reply:
+                return reply.status, reply.read().decode(errors="replace")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(errors="replace")
+        except (OSError, urllib.error.URLError) as exc:
+            return 0, str(exc)
+
+    def request(self, method: str, path: str, params: dict[str, str]) -> tuple[int, str]:
+        """Call Nacos's HTTP API (``/nacos`` + ``path``), logged in as the admin when auth is on."""
+        base = f"http://{self.host}:{self.port}/nacos"
+        query = dict(params)
+        try:
+            if self.auth is not None:
+                form = urllib.parse.urlencode({"username": self.auth.username, "password": self.auth.password})
+                with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/auth/users/login", data=form.encode(),
+                                                                   method="POST"), timeout=5) as reply:
+                    query["accessToken"] = json.loads(reply.read())["accessToken"]
+            url = f"{base}{path}?{urllib.parse.urlencode(query)}"
+            with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as reply:
+                return reply.status, reply.read().decode(errors="replace")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(errors="replace")
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as exc:
+            return 0, str(exc)
 
     # -- build -------------------------------------------------------------------
 
@@ -500,19 +533,64 @@ class NacosCluster:
         return self.nodes[0].installed_as()
 
     def start(self, timeout: float = START_TIMEOUT) -> str:
-        """Start the nodes that do not answer (all at once) and wait until every node answers."""
+        """Start the nodes that do not answer (all at once) and wait until every node answers.
+
+        A node that exits while the cluster forms is launched again (up to :data:`CLUSTER_RELAUNCHES`
+        times): Nacos 2.x with embedded storage sometimes fails its start when the config group's
+        Raft leader changes under its first read ("The Raft Group [nacos_config] did not find the
+        Leader node", alibaba/nacos#10698); a second start joins the cluster as usual.
+        """
         deadline = time.monotonic() + timeout
         self.ensure_installed()
-        launched = [(node, node.launch()) for node in self.nodes if not node.answering()]
+        launched = {node: node.launch() for node in self.nodes if not node.answering()}
+        if not launched:
+            return f"{self.name} already answering at {self.addresses}"
+        pending, relaunches, done = dict(launched), dict.fromkeys(launched, 0), []
+        switched, next_switch = False, 0.0
         try:
-            done = [node.await_ready(proc, deadline, timeout) for node, proc in launched]
+            while pending:
+                if not switched and time.monotonic() >= next_switch and any(
+                        node.readiness()[1].startswith(COMPATIBILITY_MODE) for node in pending):
+                    switched, said = self._leave_compatibility_mode()
+                    done.append(said)
+                    next_switch = time.monotonic() + 3.0
+                for node, proc in list(pending.items()):
+                    if proc.poll() is not None:
+                        if relaunches[node] >= CLUSTER_RELAUNCHES:
+                            node.pidfile.unlink(missing_ok=True)
+                            raise node._failure(f"exited with status {proc.returncode} while starting, "
+                                                f"{relaunches[node] + 1} times")
+                        relaunches[node] += 1
+                        done.append(f"{node.name} at {node.address} exited while the cluster formed; launched again")
+                        pending[node] = node.launch()
+                    elif node.answering():
+                        done.append(f"{node.name} started at {node.address} (pid {proc.pid}, log {node.logfile})")
+                        del pending[node]
+                if pending and time.monotonic() >= deadline:
+                    raise next(iter(pending))._failure(f"did not answer within {timeout:.0f} s")
+                time.sleep(0.2)
         except ServerError:
-            for node, _ in launched:
+            for node in launched:
                 node.stop()
             raise
-        if not done:
-            return f"{self.name} already answering at {self.addresses}"
         return "\n".join(done) + f"\n{self.name} up: GPU_DISPATCH_NACOS_SERVER={self.addresses}"
+
+    def _leave_compatibility_mode(self) -> tuple[bool, str]:
+        """Turn Nacos 2.0's double write off: the cluster then serves gRPC (2.x) clients, and remembers it.
+
+        A new 2.0.4 cluster starts compatible with 1.x nodes and clients, refusing gRPC requests until
+        its upgrade check passes, which in 2.0.4 may never happen once some nodes have upgraded and
+        others restart; Nacos's upgrade guide has the operator switch double write off instead.  The
+        switch is a cluster-wide setting (any node takes it); each node applies it within 5 s.
+        """
+        replies = []
+        for node in self.nodes:
+            status, body = node.request("PUT", "/v1/ns/operator/switches",
+                                        {"entry": "doubleWriteEnabled", "value": "false"})
+            if status == 200:
+                return True, f"{self.name}: double write off (doubleWriteEnabled=false via {node.address}): 2.x mode"
+            replies.append(f"{node.address}: {status} {body[:200]}")
+        return False, f"{self.name}: could not turn double write off yet ({'; '.join(replies)})"
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> str:
         return "\n".join(node.stop(timeout) for node in self.nodes)
