@@ -85,18 +85,18 @@ public class AdminBootstrap {
         User user = store.findUser(username);
         if (user == null) {
             store.createUser(username, password);
-        } else if (!store.passwordMatches(username, password)) {
+        } else if (!store.passwordMatchesInStore(username, password)) {
             store.updatePassword(username, password);
         }
         if (!store.isGlobalAdmin(username)) {
             store.grantAdmin(username);
         }
-        if (!DEFAULT_USER.equals(username) && store.passwordMatches(DEFAULT_USER, DEFAULT_USER)) {
+        if (!DEFAULT_USER.equals(username) && store.passwordMatchesInStore(DEFAULT_USER, DEFAULT_USER)) {
             store.deleteRole(UserStore.GLOBAL_ADMIN_ROLE, DEFAULT_USER);
             store.deleteUser(DEFAULT_USER);
         }
         // Read back: another node may have raced us, or a write may not have been applied.
-        if (!store.passwordMatches(username, password) || !store.isGlobalAdmin(username)) {
+        if (!store.passwordMatchesInStore(username, password) || !store.isGlobalAdmin(username)) {
             throw new IllegalStateException("admin user not in the store yet");
         }
     }

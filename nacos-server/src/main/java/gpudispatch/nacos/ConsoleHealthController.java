@@ -1,6 +1,7 @@
 package gpudispatch.nacos;
 
 import com.alibaba.nacos.config.server.service.repository.PersistService;
+import com.alibaba.nacos.core.distributed.distro.DistroProtocol;
 import com.alibaba.nacos.naming.cluster.ServerStatus;
 import com.alibaba.nacos.naming.cluster.ServerStatusManager;
 import com.alibaba.nacos.naming.core.v2.upgrade.UpgradeJudgement;
@@ -23,7 +24,9 @@ import org.springframework.web.bind.annotation.RestController;
  * cluster starts in that mode and leaves it when its upgrade check passes or when an operator turns
  * double write off ({@code PUT /nacos/v1/ns/operator/switches?entry=doubleWriteEnabled&value=false},
  * as Nacos's upgrade guide says for a cluster without 1.x clients; gpu_dispatch/servers.py does so).
- * The body then starts with {@value #COMPATIBILITY_MODE}.
+ * The body then starts with {@value #COMPATIBILITY_MODE}. It is 500, too, until the node has loaded
+ * the other nodes' ephemeral instances (Distro's initial snapshot load), so that a node that
+ * rejoins is ready only once it lists what the others do.
  */
 @RestController("consoleHealthController")
 @RequestMapping("/v1/console/health")
@@ -42,6 +45,9 @@ public class ConsoleHealthController {
 
     @Autowired
     private UpgradeJudgement upgradeJudgement;
+
+    @Autowired
+    private DistroProtocol distroProtocol;
 
     @GetMapping("/liveness")
     public ResponseEntity<String> liveness() {
@@ -62,6 +68,10 @@ public class ConsoleHealthController {
         if (!EnvUtil.getStandaloneMode() && !upgradeJudgement.isUseGrpcFeatures()) {
             return ResponseEntity.status(HttpStatus.INTERNAL_SERVER_ERROR)
                     .body(COMPATIBILITY_MODE + " (double write on): gRPC clients are refused until it is off");
+        }
+        if (!distroProtocol.isInitialized()) {
+            return ResponseEntity.status(HttpStatus.INTERNAL_SERVER_ERROR)
+                    .body("Naming is not in readiness: the other nodes' instances are not loaded yet");
         }
         if (!adminBootstrap.ready()) {
             return ResponseEntity.status(HttpStatus.INTERNAL_SERVER_ERROR)

@@ -32,9 +32,10 @@ import org.springframework.stereotype.Component;
  * users may do what a permission of one of their roles allows, where the permission's resource is a
  * pattern ({@code *} matches anything) over {@code namespace:group:naming/service} (or
  * {@code ...:config/dataId}) and its action contains the requested one ({@code r}, {@code w},
- * {@code rw}); {@code console/...} resources are for admins only. Roles and permissions are cached
- * and reloaded every 15 s (and read from the store on a miss), as Nacos does, unless
- * {@code nacos.core.auth.caching.enabled=false}.
+ * {@code rw}); {@code console/...} resources are for admins only. Users, roles and permissions are
+ * cached and reloaded every 15 s (and read from the store on a miss), as Nacos does, unless
+ * {@code nacos.core.auth.caching.enabled=false}: logins and permission checks then go on while a
+ * cluster elects a new leader for the store (every read of the replicated store needs one).
  */
 @Component
 public class UserStore {
@@ -61,35 +62,60 @@ public class UserStore {
     @Autowired
     private AuthConfigs authConfigs;
 
+    private volatile Map<String, User> usersByName = new ConcurrentHashMap<>();
+
     private volatile Map<String, List<RoleInfo>> rolesByUser = new ConcurrentHashMap<>();
 
     private volatile Map<String, List<PermissionInfo>> permissionsByRole = new ConcurrentHashMap<>();
 
     // -- users ------------------------------------------------------------------
 
+    /** The user as the store has it now (no cache). */
     public User findUser(String username) {
         return users.findUserByUsername(username);
     }
 
-    /** Whether {@code username} exists and {@code rawPassword} is its password. */
+    /** The user, from the cache when it is on and holds it (as Nacos's user details service). */
+    private User cachedUser(String username) {
+        User cached = usersByName.get(username);
+        if (cached != null && authConfigs.isCachingEnabled()) {
+            return cached;
+        }
+        User found = users.findUserByUsername(username);
+        if (found != null) {
+            usersByName.put(username, found);
+        }
+        return found;
+    }
+
+    /** Whether {@code username} exists and {@code rawPassword} is its password (a login). */
     public boolean passwordMatches(String username, String rawPassword) {
         if (username == null || username.isEmpty() || rawPassword == null) {
             return false;
         }
+        User user = cachedUser(username);
+        return user != null && encoder.matches(rawPassword, user.getPassword());
+    }
+
+    /** The same, read from the store itself (for checking what was just written). */
+    boolean passwordMatchesInStore(String username, String rawPassword) {
         User user = users.findUserByUsername(username);
         return user != null && encoder.matches(rawPassword, user.getPassword());
     }
 
     public void createUser(String username, String rawPassword) {
         users.createUser(username, encoder.encode(rawPassword));
+        usersByName.remove(username);
     }
 
     public void updatePassword(String username, String rawPassword) {
         users.updateUserPassword(username, encoder.encode(rawPassword));
+        usersByName.remove(username);
     }
 
     public void deleteUser(String username) {
         users.deleteUser(username);
+        usersByName.remove(username);
     }
 
     /** A page of users, without their password hashes. */
@@ -223,6 +249,18 @@ public class UserStore {
     /** Reload the caches, as Nacos does every 15 s (what another node changed shows up here then). */
     @Scheduled(initialDelay = 5000, fixedDelay = 15000)
     public void reload() {
+        try {
+            Page<User> allUsers = users.getUsers(1, Integer.MAX_VALUE);
+            if (allUsers != null && allUsers.getPageItems() != null) {
+                Map<String, User> byName = new ConcurrentHashMap<>();
+                for (User user : allUsers.getPageItems()) {
+                    byName.put(user.getUsername(), user);
+                }
+                usersByName = byName;
+            }
+        } catch (Exception e) {
+            LOG.warn("[LOAD-USERS] reloading users failed: {}", e.toString());
+        }
         try {
             Page<RoleInfo> all = roles.getRolesByUserName("", 1, Integer.MAX_VALUE);
             if (all == null || all.getPageItems() == null) {
