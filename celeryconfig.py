@@ -169,9 +169,12 @@ nacos_namespace = _declare(
 nacos_group = _declare(
     "GPU_DISPATCH_NACOS_GROUP", "DEFAULT_GROUP", "group name", "Nacos group of the service")
 nacos_username = _declare(
-    "GPU_DISPATCH_NACOS_USERNAME", "", "user name", "Nacos user, when the server has auth enabled")
+    "GPU_DISPATCH_NACOS_USERNAME", "", "user name",
+    "Nacos user, when the server has auth enabled; set, it also turns auth on for the local Nacos "
+    "(`gpu-dispatch servers up`), with this user as its admin")
 nacos_password = _declare(
-    "GPU_DISPATCH_NACOS_PASSWORD", "", "password", "Nacos password, when the server has auth enabled")
+    "GPU_DISPATCH_NACOS_PASSWORD", "", "password",
+    "Nacos password, when the server has auth enabled (the local Nacos's admin password with the user above)")
 nacos_service = _declare(
     "GPU_DISPATCH_NACOS_SERVICE", "gpu-inference", "service name",
     "Nacos service under which every GPU registers one ephemeral instance")

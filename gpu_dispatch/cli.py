@@ -30,12 +30,29 @@ def servers() -> None:
     """Start, stop and report the local Redis and Nacos servers."""
 
 
+_HA = click.option("--ha", is_flag=True,
+                   help="Nacos as a 3-node cluster on this machine (the three addresses of GPU_DISPATCH_NACOS_SERVER, "
+                        "or its one port and the next two 20 apart) instead of one standalone server.")
+
+
+def _local_servers(ha: bool):
+    try:
+        return local_servers(celeryconfig, ha=ha)
+    except ServerError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @servers.command("up")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for each server to answer.")
-def servers_up(timeout: float) -> None:
-    """Start Redis and Nacos on this machine unless they already answer (installs them the first time)."""
+@_HA
+def servers_up(timeout: float, ha: bool) -> None:
+    """Start Redis and Nacos on this machine unless they already answer (installs them the first time).
+
+    Nacos runs with auth on, its admin being GPU_DISPATCH_NACOS_USERNAME / GPU_DISPATCH_NACOS_PASSWORD,
+    when those are set; with auth off otherwise.
+    """
     try:
-        for server in local_servers(celeryconfig):
+        for server in _local_servers(ha):
             click.echo(server.start(timeout=timeout))
     except ServerError as exc:
         raise click.ClickException(str(exc)) from None
@@ -45,7 +62,7 @@ def servers_up(timeout: float) -> None:
 def servers_install() -> None:
     """Install the servers' programs if missing (redis-server with apt-get; the Nacos server with Maven)."""
     try:
-        for server in local_servers(celeryconfig):
+        for server in _local_servers(False):
             server.ensure_installed()
             click.echo(f"{server.name}: {server.installed_as()}")
     except ServerError as exc:
@@ -53,16 +70,21 @@ def servers_install() -> None:
 
 
 @servers.command("down")
-def servers_down() -> None:
+@_HA
+def servers_down(ha: bool) -> None:
     """Stop the servers that `gpu-dispatch servers up` started; others are left alone."""
-    for server in local_servers(celeryconfig):
+    for server in _local_servers(ha):
         click.echo(server.stop())
 
 
 @servers.command("status")
-def servers_status() -> None:
+@_HA
+def servers_status(ha: bool) -> None:
     """Say whether each server answers, and whether gpu-dispatch started it."""
-    statuses = [server.status() for server in local_servers(celeryconfig)]
+    statuses = []
+    for server in _local_servers(ha):
+        status = server.status()
+        statuses.extend(status if isinstance(status, list) else [status])
     for status in statuses:
         click.echo(status.line())
     sys.exit(0 if all(s.answering for s in statuses) else 1)

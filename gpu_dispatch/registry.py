@@ -30,7 +30,15 @@ methods, each bounded by a timeout.  Facts of the SDK this class relies on
   :class:`Registry` heals that: when every call has failed for
   ``reconnect_after`` seconds while the server's gRPC port accepts
   connections, it opens a new client, replays its registrations and
-  subscriptions on it, and shuts the old one.
+  subscriptions on it, and shuts the old one;
+- with auth enabled on the server, the SDK logs in over HTTP (``/v1/auth/users/login``)
+  and sends the token with every gRPC request; a refused login or request
+  (a wrong password, no user at all, a user without permission) fails the call
+  with a ``NacosException`` (code 403, or "get access token failed"), which
+  :class:`Registry` reports as a :class:`RegistryError` naming the settings
+  ``GPU_DISPATCH_NACOS_USERNAME`` / ``GPU_DISPATCH_NACOS_PASSWORD``.  The SDK's
+  first login runs in a task nobody awaits; its failure is logged here as one
+  warning instead of asyncio's "Task exception was never retrieved" traceback.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from gpu_dispatch.settings import getter
 from v2.nacos import (ClientConfigBuilder, DeregisterInstanceParam, NacosException,
                       NacosNamingService, RegisterInstanceParam, SubscribeServiceParam)
+from v2.nacos.common.nacos_exception import NO_RIGHT
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +118,7 @@ class Registry:
         self.timeout = timeout
         self.server_addresses = server_addresses
         self.reconnect_after = reconnect_after
+        self.username = username
         self._state_lock = threading.Lock()
         self._registered: dict[tuple[str, int], dict[str, str]] = {}  # replayed on a new client
         self._subscriptions: list[Callable[[list], Awaitable[None]]] = []  # likewise
@@ -116,6 +126,7 @@ class Registry:
         self._replacing: Any = None  # the concurrent Future of a replacement under way
         self._closed = False
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(self._on_loop_exception)
         self._thread = threading.Thread(target=self._loop.run_forever, name="nacos-registry", daemon=True)
         self._thread.start()
         client_dir = os.path.join(home, "nacos-client")
@@ -261,11 +272,39 @@ class Registry:
             result = future.result(self.timeout + 1)
         except (NacosException, asyncio.TimeoutError, FutureTimeout, OSError) as exc:
             future.cancel()
+            refused = self._refusal(exc)
+            if refused:  # the server answered: the connection is fine, the credentials are not
+                self._reachable_failing_since = None
+                raise RegistryError(f"Nacos at {self.server_addresses}: could not {what}: {refused}") from exc
             self._after_failure()
             raise RegistryError(f"Nacos at {self.server_addresses}: could not {what}: "
                                 f"{_describe(exc)} (GPU_DISPATCH_NACOS_SERVER, GPU_DISPATCH_NACOS_TIMEOUT)") from exc
         self._reachable_failing_since = None
         return result
+
+    # -- auth failures ---------------------------------------------------------------
+
+    def _refusal(self, exc: BaseException) -> str | None:
+        """What to tell the user when ``exc`` is the server refusing our credentials, else None."""
+        if not isinstance(exc, NacosException):
+            return None
+        if exc.error_code == NO_RIGHT:
+            who = f"user {self.username!r}" if self.username else "an anonymous client (no user set)"
+        elif "get access token failed" in str(exc.message) and self._server_reachable():
+            who = f"the login of user {self.username!r} (wrong user name or password?)"
+        else:
+            return None
+        return (f"the server refused {who}: {exc.message}; set GPU_DISPATCH_NACOS_USERNAME and "
+                "GPU_DISPATCH_NACOS_PASSWORD to a Nacos user allowed to use the service")
+
+    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """The SDK's unawaited first login: one warning naming the settings, not a traceback."""
+        exc = context.get("exception")
+        if isinstance(exc, NacosException) and "get access token failed" in str(exc.message):
+            log.warning("Nacos at %s: logging in as %r failed (%s); check GPU_DISPATCH_NACOS_USERNAME and "
+                        "GPU_DISPATCH_NACOS_PASSWORD", self.server_addresses, self.username, exc.message)
+            return
+        loop.default_exception_handler(context)
 
     # -- replacing a client that no longer reconnects -----------------------------
 

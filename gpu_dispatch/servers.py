@@ -3,15 +3,25 @@
 - **Redis** (broker and result backend): the server at the configured URL is
   used when it answers; otherwise Debian's ``redis-server`` is installed if
   missing and started on the configured port.
-- **Nacos** (registry): a real Nacos server, the Java one, in standalone mode.
-  The official server modules are not served from Maven Central here (only
-  ``nacos-client`` is), so we run the Nacos :data:`NACOS_VERSION` server modules
-  as republished there by ``com.pig4cloud.nacos`` (``com.alibaba.nacos`` classes
-  built from the Nacos source).  That republish lacks the console module, which
-  holds Nacos's main class, so the small Maven project in ``nacos-server/``
-  supplies one (see its ``NacosMain``).  Maven builds it the first time, with
-  its repository and output under ``<home>`` (about half a minute); Java 17 runs
-  it.  The README explains that choice.
+- **Nacos** (registry): a real Nacos server, the Java one, in standalone mode
+  (:class:`NacosServer`), or three of them as one cluster (:class:`NacosCluster`,
+  ``gpu-dispatch servers up --ha``).  The official server modules are not served
+  from Maven Central here (only ``nacos-client`` is), so we run the Nacos
+  :data:`NACOS_VERSION` server modules as republished there by
+  ``com.pig4cloud.nacos`` (``com.alibaba.nacos`` classes built from the Nacos
+  source).  That republish lacks the console module, which holds Nacos's main
+  class and its auth system, and ships JRaft unable to create its groups, so the
+  small Maven project in ``nacos-server/`` supplies the main class, the auth
+  system and the fix (see its ``NacosMain``).  Maven builds it the first time,
+  with its repository and output under ``<home>`` (about half a minute); Java 17
+  runs it.  The README explains that choice.
+
+  Auth is on when a user is configured (``GPU_DISPATCH_NACOS_USERNAME`` and
+  ``GPU_DISPATCH_NACOS_PASSWORD``): the server then starts with
+  ``nacos.core.auth.enabled=true`` and that user as its admin (created, or its
+  password reset, at every start).  Its token key and server identity are random,
+  made once and kept in ``<dir>/auth.secrets`` (mode 0600); the key, the identity
+  and the password reach Java in its environment, never on its command line.
 
 Everything the servers write (data, logs, pid files, Maven's repository, the
 Nacos build) lives under ``<home>`` (``GPU_DISPATCH_HOME``, default ``.local/``),
@@ -21,17 +31,21 @@ reported with the last lines of its log and what to check.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -52,6 +66,16 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 #: Lines of a server's log shown when it fails to start.
 LOG_TAIL_LINES = 25
+#: HTTP ports of a local Nacos cluster's nodes, from the first: far enough apart that no node's
+#: derived ports (gRPC +1000 and +1001, JRaft -1000) meet another's.
+CLUSTER_PORT_STEP = 20
+#: Nodes of a local Nacos cluster.
+CLUSTER_SIZE = 3
+#: How the readiness endpoint of a cluster node in Nacos 2.0's 1.x compatibility mode begins
+#: (nacos-server's ConsoleHealthController).
+COMPATIBILITY_MODE = "Naming is in 1.x compatibility mode"
+#: Times a cluster node that exits while the cluster forms is launched again (see NacosCluster.start).
+CLUSTER_RELAUNCHES = 2
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -80,10 +104,10 @@ class LocalServer:
 
     name = "server"
 
-    def __init__(self, host: str, port: int, home: str | os.PathLike) -> None:
+    def __init__(self, host: str, port: int, home: str | os.PathLike, dir: Path | None = None) -> None:
         self.host = host
         self.port = port
-        self.dir = Path(home) / f"{self.name}-{port}"
+        self.dir = dir or Path(home) / f"{self.name}-{port}"
         self.pidfile = self.dir / "server.pid"
         self.logfile = self.dir / "server.log"
 
@@ -127,6 +151,11 @@ class LocalServer:
         """Start the server unless it already answers; return what was done."""
         if self.answering():
             return f"{self.name} already answering at {self.address}"
+        proc = self.launch()
+        return self.await_ready(proc, time.monotonic() + timeout, timeout)
+
+    def launch(self) -> subprocess.Popen:
+        """Start the server's process (not waiting for it to answer) and write its pid file."""
         if self.host not in LOOPBACK:
             raise ServerError(f"{self.name} at {self.address} does not answer, and gpu-dispatch only starts "
                               "servers on this machine (127.0.0.1); start it there or point the setting at "
@@ -140,7 +169,10 @@ class LocalServer:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=self.dir, env={**os.environ, **env}, start_new_session=True)
         self.pidfile.write_text(str(proc.pid))
-        deadline = time.monotonic() + timeout
+        return proc
+
+    def await_ready(self, proc: subprocess.Popen, deadline: float, timeout: float) -> str:
+        """Wait until the launched server answers, or fail (stopping it) when it exits or ``deadline`` passes."""
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 self.pidfile.unlink(missing_ok=True)
@@ -150,6 +182,18 @@ class LocalServer:
             time.sleep(0.2)
         self.stop()
         raise self._failure(f"did not answer within {timeout:.0f} s")
+
+    def kill(self) -> str:
+        """SIGKILL the server we started (its whole process group), as a crash would; wait until it is gone."""
+        pid = self.pid()
+        if pid is None:
+            return f"{self.name} at {self.address}: not started by gpu-dispatch, left alone"
+        _signal_group(pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.pidfile.unlink(missing_ok=True)
+        return f"{self.name} at {self.address} killed (pid {pid})"
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> str:
         """Stop the server we started (its whole process group); never touch one we did not start."""
@@ -241,30 +285,56 @@ class RedisServer(LocalServer):
                  "--maxmemory-policy", "noeviction", "--daemonize", "no", "--protected-mode", "yes"], {})
 
 
+@dataclass(frozen=True)
+class NacosAuth:
+    """Auth on, with this admin user: created at the server's start, or its password reset to this one."""
+
+    username: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def from_settings(cls, username: str, password: str) -> "NacosAuth | None":
+        """Auth when a user is configured (GPU_DISPATCH_NACOS_USERNAME/PASSWORD), else None (auth off)."""
+        if not username:
+            return None
+        if not password:
+            raise ServerError(f"GPU_DISPATCH_NACOS_USERNAME={username!r} is set but GPU_DISPATCH_NACOS_PASSWORD is "
+                              "empty; the local Nacos would start with auth on and no password for its admin: set "
+                              "both, or neither for auth off")
+        return cls(username, password)
+
+
 class NacosServer(LocalServer):
-    """Nacos 2.0.4 (Java) in standalone mode.
+    """Nacos 2.0.4 (Java), standalone or one node of a :class:`NacosCluster`.
 
     Ports, all fixed by Nacos relative to ``port``: HTTP ``port``, client gRPC ``port + 1000``,
     cluster gRPC ``port + 1001``, JRaft ``port - 1000``.  HTTP listens on ``host`` only; Nacos
     2.0.4 binds its gRPC and JRaft ports on every interface.
+
+    :param auth: the admin user when auth is on; ``None`` for auth off.
+    :param members: ``ip:port`` of every node (this one included) to run as a cluster node; ``None``
+        for standalone.
+    :param secrets_file: where the token key and server identity are kept (a cluster's nodes share one);
+        default ``<dir>/auth.secrets``.
     """
 
     name = "nacos"
 
-    def __init__(self, host: str, port: int, home: str | os.PathLike) -> None:
-        super().__init__(host, port, home)
+    def __init__(self, host: str, port: int, home: str | os.PathLike, *, auth: NacosAuth | None = None,
+                 members: list[str] | None = None, dir: Path | None = None,
+                 secrets_file: Path | None = None) -> None:
+        super().__init__(host, port, home, dir)
+        self.auth = auth
+        self.members = members
+        self.secrets_file = secrets_file or self.dir / "auth.secrets"
         self.build_dir = Path(home) / f"nacos-server-{NACOS_VERSION.removesuffix('.RELEASE')}"
         self.maven_repo = Path(home) / "m2"
         self.build_log = Path(home) / f"{self.build_dir.name}-build.log"
 
     @classmethod
-    def from_addresses(cls, addresses: str, home: str | os.PathLike) -> "NacosServer":
-        first = addresses.split(",")[0].strip()
-        host, _, port = first.rpartition(":")
-        if not host or not port.isdigit():
-            raise ServerError(f"Nacos address {first!r} is not host:port (GPU_DISPATCH_NACOS_SERVER); "
-                              "use e.g. 127.0.0.1:8848")
-        return cls(host, int(port), home)
+    def from_addresses(cls, addresses: str, home: str | os.PathLike, auth: NacosAuth | None = None) -> "NacosServer":
+        host, port = _split_address(addresses.split(",")[0])
+        return cls(host, port, home, auth=auth)
 
     @property
     def grpc_port(self) -> int:
@@ -275,14 +345,41 @@ class NacosServer(LocalServer):
         return f"http://{self.host}:{self.port}/nacos/v1/console/health/readiness"
 
     def answering(self) -> bool:
+        if self.readiness()[0] != 200:
+            return False
         try:
-            with urllib.request.urlopen(self.readiness_url, timeout=2) as reply:
-                if reply.status != 200:
-                    return False
             with socket.create_connection((self.host, self.grpc_port), timeout=1):
                 return True
-        except (OSError, urllib.error.URLError):
+        except OSError:
             return False
+
+    def readiness(self) -> tuple[int, str]:
+        """Status and body of the readiness endpoint; ``(0, reason)`` when it does not answer."""
+        try:
+            with urllib.request.urlopen(self.readiness_url, timeout=2) as reply:
+                return reply.status, reply.read().decode(errors="replace")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(errors="replace")
+        except (OSError, urllib.error.URLError) as exc:
+            return 0, str(exc)
+
+    def request(self, method: str, path: str, params: dict[str, str]) -> tuple[int, str]:
+        """Call Nacos's HTTP API (``/nacos`` + ``path``), logged in as the admin when auth is on."""
+        base = f"http://{self.host}:{self.port}/nacos"
+        query = dict(params)
+        try:
+            if self.auth is not None:
+                form = urllib.parse.urlencode({"username": self.auth.username, "password": self.auth.password})
+                with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/auth/users/login", data=form.encode(),
+                                                                   method="POST"), timeout=5) as reply:
+                    query["accessToken"] = json.loads(reply.read())["accessToken"]
+            url = f"{base}{path}?{urllib.parse.urlencode(query)}"
+            with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as reply:
+                return reply.status, reply.read().decode(errors="replace")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(errors="replace")
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as exc:
+            return 0, str(exc)
 
     # -- build -------------------------------------------------------------------
 
@@ -337,11 +434,27 @@ class NacosServer(LocalServer):
         ip = "127.0.0.1" if self.host == "localhost" else self.host
         (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-        opens = ["java.base/java.lang", "java.base/java.util", "java.base/java.nio", "java.base/sun.nio.ch"]
+        # java.util.concurrent.atomic: Nacos's Hessian serializer writes persistent instances' AtomicLongs.
+        opens = ["java.base/java.lang", "java.base/java.util", "java.base/java.util.concurrent.atomic",
+                 "java.base/java.nio", "java.base/sun.nio.ch"]
+        mode = ["-Dnacos.standalone=true"]
+        if self.members is not None:
+            (self.dir / "conf").mkdir(parents=True, exist_ok=True)
+            (self.dir / "conf" / "cluster.conf").write_text("".join(f"{m}\n" for m in self.members))
+            mode = ["-Dnacos.standalone=false", "-DembeddedStorage=true"]
+        env = _java_env()
+        auth = []
+        if self.auth is not None:
+            key, identity = self._secrets()
+            auth = ["-Dnacos.core.auth.enabled=true", f"-Dgpudispatch.nacos.admin.username={self.auth.username}"]
+            env.update({"NACOS_CORE_AUTH_DEFAULT_TOKEN_SECRET_KEY": key,
+                        "NACOS_CORE_AUTH_SERVER_IDENTITY_VALUE": identity,
+                        "GPUDISPATCH_NACOS_ADMIN_PASSWORD": self.auth.password})
         return [
             _java() or "java", "-Xms256m", "-Xmx512m", "-XX:-OmitStackTraceInFastThrow",
             *(arg for module in opens for arg in ("--add-opens", f"{module}=ALL-UNNAMED")),
-            "-Dnacos.standalone=true",
+            *mode,
+            *auth,
             f"-Dnacos.home={self.dir}",
             f"-Dserver.port={self.port}",
             f"-Dserver.address={self.host}",
@@ -350,16 +463,166 @@ class NacosServer(LocalServer):
             f"-Djava.io.tmpdir={self.dir / 'tmp'}",
             "-cp", f"{self.build_dir / 'classes'}{os.pathsep}{self.build_dir / 'lib' / '*'}",
             "gpudispatch.nacos.NacosMain",
-        ], _java_env()
+        ], env
+
+    def _secrets(self) -> tuple[str, str]:
+        """The token key (base64 of 32 random bytes) and server identity, made once and kept private."""
+        try:
+            saved = json.loads(self.secrets_file.read_text())
+            return saved["token_secret_key"], saved["server_identity"]
+        except (OSError, ValueError, KeyError):
+            pass
+        key = base64.b64encode(secrets.token_bytes(32)).decode()
+        identity = secrets.token_urlsafe(24)
+        self.secrets_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"token_secret_key": key, "server_identity": identity}, out)
+        return key, identity
 
     def hints(self) -> list[str]:
-        return super().hints() + [
+        hints = super().hints() + [
             f"are Nacos's other ports taken? gRPC {self.grpc_port} and {self.port + 1001}, JRaft "
             f"{self.port - 1000} (ss -ltnp | grep -E '{self.grpc_port}|{self.port + 1001}|{self.port - 1000}')",
             f"is Java {JAVA_MIN}+ the `java` found? (java -version)",
             f"did the build finish? ({self.build_dir}, log {self.build_log}; delete the directory to rebuild)",
             f"Nacos's own logs: {self.dir / 'logs'}",
         ]
+        if self.members is not None:
+            hints.append(f"a cluster node is ready only once a majority of {', '.join(self.members)} is up")
+        return hints
+
+
+class NacosCluster:
+    """Three :class:`NacosServer` nodes on this machine as one Nacos cluster (``cluster.conf`` lists them,
+    embedded storage replicated by JRaft), for a highly available registry.
+
+    Clients list every node: ``GPU_DISPATCH_NACOS_SERVER=127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3``.  Each
+    node's files live in ``<home>/nacos-cluster-P1/node-P/``; the nodes share one token key and server
+    identity (``<home>/nacos-cluster-P1/auth.secrets``), so a token from one node is valid on all.  A node
+    is ready only once a majority of the nodes is up (JRaft needs a leader), so :meth:`start` launches all
+    the nodes before waiting for any.
+    """
+
+    name = "nacos cluster"
+
+    def __init__(self, host: str, ports: list[int], home: str | os.PathLike, auth: NacosAuth | None = None) -> None:
+        if len(ports) != CLUSTER_SIZE or len(set(ports)) != CLUSTER_SIZE:
+            raise ServerError(f"a local Nacos cluster has {CLUSTER_SIZE} nodes on distinct ports, not {ports}")
+        self.host = host
+        self.ports = ports
+        self.auth = auth
+        self.dir = Path(home) / f"nacos-cluster-{ports[0]}"
+        ip = "127.0.0.1" if host == "localhost" else host
+        members = [f"{ip}:{port}" for port in ports]
+        self.nodes = [NacosServer(host, port, home, auth=auth, members=members, dir=self.dir / f"node-{port}",
+                                  secrets_file=self.dir / "auth.secrets") for port in ports]
+
+    @classmethod
+    def from_addresses(cls, addresses: str, home: str | os.PathLike, auth: NacosAuth | None = None) -> "NacosCluster":
+        """The nodes named by ``addresses`` when it lists three; from one address, that port and the next two
+        at :data:`CLUSTER_PORT_STEP` apart."""
+        parsed = [_split_address(a) for a in addresses.split(",") if a.strip()]
+        hosts = {host for host, _ in parsed}
+        if len(hosts) != 1:
+            raise ServerError(f"the nodes of a local Nacos cluster share one host; GPU_DISPATCH_NACOS_SERVER names "
+                              f"{', '.join(sorted(hosts))}")
+        ports = [port for _, port in parsed]
+        if len(ports) == 1:
+            ports = [ports[0] + i * CLUSTER_PORT_STEP for i in range(CLUSTER_SIZE)]
+        return cls(hosts.pop(), ports, home, auth=auth)
+
+    @property
+    def addresses(self) -> str:
+        """What clients set GPU_DISPATCH_NACOS_SERVER to."""
+        return ",".join(node.address for node in self.nodes)
+
+    @property
+    def address(self) -> str:
+        return self.addresses
+
+    def answering(self) -> bool:
+        return all(node.answering() for node in self.nodes)
+
+    def ensure_installed(self) -> None:
+        self.nodes[0].ensure_installed()
+
+    def installed_as(self) -> str:
+        return self.nodes[0].installed_as()
+
+    def start(self, timeout: float = START_TIMEOUT) -> str:
+        """Start the nodes that do not answer (all at once) and wait until every node answers.
+
+        A node that exits while the cluster forms is launched again (up to :data:`CLUSTER_RELAUNCHES`
+        times): Nacos 2.x with embedded storage sometimes fails its start when the config group's
+        Raft leader changes under its first read ("The Raft Group [nacos_config] did not find the
+        Leader node", alibaba/nacos#10698); a second start joins the cluster as usual.
+        """
+        deadline = time.monotonic() + timeout
+        self.ensure_installed()
+        launched = {node: node.launch() for node in self.nodes if not node.answering()}
+        if not launched:
+            return f"{self.name} already answering at {self.addresses}"
+        pending, relaunches, done = dict(launched), dict.fromkeys(launched, 0), []
+        switched, next_switch = False, 0.0
+        try:
+            while pending:
+                if not switched and time.monotonic() >= next_switch and any(
+                        node.readiness()[1].startswith(COMPATIBILITY_MODE) for node in pending):
+                    switched, said = self._leave_compatibility_mode()
+                    done.append(said)
+                    next_switch = time.monotonic() + 3.0
+                for node, proc in list(pending.items()):
+                    if proc.poll() is not None:
+                        if relaunches[node] >= CLUSTER_RELAUNCHES:
+                            node.pidfile.unlink(missing_ok=True)
+                            raise node._failure(f"exited with status {proc.returncode} while starting, "
+                                                f"{relaunches[node] + 1} times")
+                        relaunches[node] += 1
+                        done.append(f"{node.name} at {node.address} exited while the cluster formed; launched again")
+                        pending[node] = node.launch()
+                    elif node.answering():
+                        done.append(f"{node.name} started at {node.address} (pid {proc.pid}, log {node.logfile})")
+                        del pending[node]
+                if pending and time.monotonic() >= deadline:
+                    raise next(iter(pending))._failure(f"did not answer within {timeout:.0f} s")
+                time.sleep(0.2)
+        except ServerError:
+            for node in launched:
+                node.stop()
+            raise
+        return "\n".join(done) + f"\n{self.name} up: GPU_DISPATCH_NACOS_SERVER={self.addresses}"
+
+    def _leave_compatibility_mode(self) -> tuple[bool, str]:
+        """Turn Nacos 2.0's double write off: the cluster then serves gRPC (2.x) clients, and remembers it.
+
+        A new 2.0.4 cluster starts compatible with 1.x nodes and clients, refusing gRPC requests until
+        its upgrade check passes, which in 2.0.4 may never happen once some nodes have upgraded and
+        others restart; Nacos's upgrade guide has the operator switch double write off instead.  The
+        switch is a cluster-wide setting (any node takes it); each node applies it within 5 s.
+        """
+        replies = []
+        for node in self.nodes:
+            status, body = node.request("PUT", "/v1/ns/operator/switches",
+                                        {"entry": "doubleWriteEnabled", "value": "false"})
+            if status == 200:
+                return True, f"{self.name}: double write off (doubleWriteEnabled=false via {node.address}): 2.x mode"
+            replies.append(f"{node.address}: {status} {body[:200]}")
+        return False, f"{self.name}: could not turn double write off yet ({'; '.join(replies)})"
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> str:
+        return "\n".join(node.stop(timeout) for node in self.nodes)
+
+    def status(self) -> list[Status]:
+        return [node.status() for node in self.nodes]
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.strip().rpartition(":")
+    if not host or not port.isdigit():
+        raise ServerError(f"Nacos address {address.strip()!r} is not host:port (GPU_DISPATCH_NACOS_SERVER); "
+                          "use e.g. 127.0.0.1:8848")
+    return host, int(port)
 
 
 def _java() -> str | None:
@@ -412,11 +675,14 @@ def _apt_install(packages: list[str], otherwise: str) -> None:
                               f"package mirror is reachable, or {otherwise}")
 
 
-def local_servers(conf: object) -> tuple[RedisServer, NacosServer]:
-    """The Redis and Nacos servers named by the settings (``celeryconfig`` or ``app.conf``)."""
+def local_servers(conf: object, ha: bool = False) -> tuple[RedisServer, NacosServer | NacosCluster]:
+    """The Redis and Nacos servers named by the settings (``celeryconfig`` or ``app.conf``): Nacos
+    standalone, or a :class:`NacosCluster` with ``ha``; auth on when a Nacos user is configured."""
     get = getter(conf)
+    auth = NacosAuth.from_settings(get("nacos_username"), get("nacos_password"))
+    nacos = NacosCluster if ha else NacosServer
     return (RedisServer.from_url(get("broker_url"), get("home")),
-            NacosServer.from_addresses(get("nacos_server_addresses"), get("home")))
+            nacos.from_addresses(get("nacos_server_addresses"), get("home"), auth=auth))
 
 
 def _alive(pid: int) -> bool:

@@ -1,7 +1,8 @@
 """Real servers for the integration tests: one Redis and one Nacos per test session.
 
-They run on the non-default ports fixed in ``tests/conftest.py``.  If either
-cannot start, the whole run fails with the reason (it never skips).
+They run on the non-default ports fixed in ``tests/conftest.py``; Nacos with auth
+on, its admin being the user and session password set there, which every client
+uses.  If either cannot start, the whole run fails with the reason (it never skips).
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ def servers():
     try:
         for server in (redis_server, nacos_server):
             assert server.port not in (6379, 8848), "tests must never use the default ports"
+            if server is nacos_server:
+                assert nacos_server.auth is not None, "the tests' Nacos runs with auth on (tests/conftest.py)"
             # Leftovers of an interrupted run are ours (same port, our pid file): restart them cleanly.
             server.stop()
             print(server.start(timeout=120))
+            # Never someone else's server that happens to answer on the port (tests flush its data).
+            assert server.pid() is not None, (
+                f"a {server.name} this session did not start answers at {server.address}; give this run its own "
+                "ports (GPU_DISPATCH_TEST_REDIS_PORT, GPU_DISPATCH_TEST_NACOS_PORT)")
             started.append(server)
         yield redis_server, nacos_server
     finally:

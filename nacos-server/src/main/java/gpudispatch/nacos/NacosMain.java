@@ -1,8 +1,5 @@
 package gpudispatch.nacos;
 
-import com.alibaba.nacos.auth.AuthManager;
-import com.alibaba.nacos.auth.model.Permission;
-import com.alibaba.nacos.auth.model.User;
 import com.alibaba.nacos.core.code.ControllerMethodsCache;
 import javax.annotation.PostConstruct;
 import org.springframework.beans.factory.annotation.Autowired;
@@ -12,22 +9,26 @@ import org.springframework.boot.autoconfigure.SpringBootApplication;
 import org.springframework.boot.autoconfigure.security.servlet.SecurityAutoConfiguration;
 import org.springframework.boot.autoconfigure.security.servlet.UserDetailsServiceAutoConfiguration;
 import org.springframework.boot.web.servlet.ServletComponentScan;
-import org.springframework.context.annotation.Bean;
 import org.springframework.scheduling.annotation.EnableScheduling;
 
 /**
- * Main class of the Nacos 2.0.4 server in standalone mode, in place of the console module's
- * {@code com.alibaba.nacos.Nacos}, which is not republished on Maven Central. It does what that
- * module does at start-up, minus the web console and its user database:
+ * Main class of the Nacos 2.0.4 server, in place of the console module's {@code com.alibaba.nacos.Nacos},
+ * which is not republished on Maven Central. It does what that module does, minus the web console UI:
  * <ul>
- *   <li>boots Spring over every Nacos server package (core, naming, config), with Spring Security's
- *       auto-configuration off, as the console does;</li>
+ *   <li>boots Spring over every Nacos server package (core, naming, config), as the console does,
+ *       in standalone mode unless {@code -Dnacos.standalone=false} (cluster mode: the members are
+ *       listed in {@code ${nacos.home}/conf/cluster.conf});</li>
  *   <li>fills the controller-method cache that Nacos's request filters look up (the console's own
  *       configuration does this; without it the naming HTTP API answers 501);</li>
- *   <li>provides the {@link AuthManager} bean the auth filters need; the real one lives in the
- *       console module, so this one lets everything through (auth is off, see application.properties);</li>
+ *   <li>provides Nacos's auth system, which lives in the console module: the {@code AuthManager}
+ *       ({@link UsersAuthManager}), access tokens ({@link TokenManager}), the user store on Nacos's
+ *       own tables ({@link UserStore}), the {@code /v1/auth/users|roles|permissions} API and an
+ *       initial admin ({@link AdminBootstrap}); auth is on with {@code -Dnacos.core.auth.enabled=true};</li>
+ *   <li>restores the Raft groups the republished core cannot create ({@link RaftGroupsProtocol});</li>
  *   <li>serves the console's health endpoints ({@link ConsoleHealthController}).</li>
  * </ul>
+ * Spring Security's auto-configuration stays off: the console only uses it for its web UI, and
+ * Nacos's own filters enforce auth on the APIs.
  */
 @SpringBootApplication(scanBasePackages = {"com.alibaba.nacos", "gpudispatch.nacos"},
         exclude = {SecurityAutoConfiguration.class, UserDetailsServiceAutoConfiguration.class,
@@ -40,7 +41,9 @@ public class NacosMain {
     private ControllerMethodsCache methodsCache;
 
     public static void main(String[] args) {
-        System.setProperty("nacos.standalone", "true");
+        if (System.getProperty("nacos.standalone") == null) {
+            System.setProperty("nacos.standalone", "true");
+        }
         try {
             SpringApplication.run(NacosMain.class, args);
         } catch (Throwable failure) {
@@ -56,27 +59,5 @@ public class NacosMain {
         methodsCache.initClassMethod("com.alibaba.nacos.naming.controllers");
         methodsCache.initClassMethod("com.alibaba.nacos.config.server.controller");
         methodsCache.initClassMethod("gpudispatch.nacos");
-    }
-
-    /** Auth is disabled locally; Nacos still wants an AuthManager bean. */
-    @Bean
-    public AuthManager noopAuthManager() {
-        return new AuthManager() {
-            @Override
-            public User login(Object request) {
-                User user = new User();
-                user.setUserName("nacos");
-                return user;
-            }
-
-            @Override
-            public User loginRemote(Object request) {
-                return login(request);
-            }
-
-            @Override
-            public void auth(Permission permission, User user) {
-            }
-        };
     }
 }
