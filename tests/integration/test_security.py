@@ -1,5 +1,5 @@
-"""Secrets stay secret and nothing listens beyond loopback unless told to: the Redis password (the test
-Redis wants one) never shows in `gpu-dispatch config`, `celery inspect conf`, `celery report`, Flower's
+"""Secrets stay secret and nothing listens beyond loopback unless told to: the Redis and Nacos passwords
+(the test servers want them) never show in `gpu-dispatch config`, `celery inspect conf`, `celery report`, Flower's
 worker pages, worker logs or instance metadata."""
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ def test_the_redis_password_is_in_no_output_an_operator_reads(service_name, cele
     outputs["instance metadata"] = "\n".join(metadata)
     outputs["worker and Flower logs"] = "\n".join(p.read_text(errors="replace") for p in LOG_DIR.glob("*.log"))
 
-    leaks = [where for where, text in outputs.items() if REDIS_PASSWORD in text]
+    nacos_password = app.conf.nacos_password
+    assert nacos_password  # the test Nacos has auth on
+    leaks = [(where, secret) for where, text in outputs.items()
+             for secret, value in (("Redis", REDIS_PASSWORD), ("Nacos", nacos_password)) if value in text]
     assert leaks == []
     assert metadata
 
