@@ -139,8 +139,13 @@ accept_content = ["json"]
 result_accept_content = ["json"]
 
 # Task events on, so Flower sees every dispatch and inference.
-worker_send_task_events = True
-task_send_sent_event = True
+task_events = _declare(
+    "GPU_DISPATCH_TASK_EVENTS", "on", "on|off",
+    "task events for Flower from this process; `gpu-dispatch dispatcher` turns them off for the dispatcher "
+    "worker (Flower still sees each request from the app's task-sent and the GPU worker's events), which "
+    "saves it three of its eight Redis round trips a request", lambda raw: _choice(raw, {"on", "off"}) == "on")
+worker_send_task_events = task_events
+task_send_sent_event = task_events
 task_track_started = True
 
 # Outlive a Redis restart (docs/reliability.md): never give up reconnecting; retry storing a result

@@ -40,7 +40,7 @@ os.environ.setdefault("GPU_DISPATCH_NACOS_SERVER", "127.0.0.1:18858")
 os.environ.setdefault("GPU_DISPATCH_NACOS_SERVICE", "gpu-inference-bench")
 
 import celeryconfig  # noqa: E402
-from gpu_dispatch.processes import Supervisor, beat_argv, celery, gpu_worker_argv  # noqa: E402
+from gpu_dispatch.processes import DISPATCHER_ENV, Supervisor, beat_argv, celery, gpu_worker_argv  # noqa: E402
 from gpu_dispatch.servers import local_servers  # noqa: E402
 
 #: Settings of every process the benchmark starts: instant simulated inference, quiet logs.
@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--dispatcher-pool", choices=("threads", "solo"), default="threads",
                         help="pool of the dispatcher worker: threads (-c CONCURRENCY --prefetch-multiplier 8, "
                              "as deployed by default) or solo (--prefetch-multiplier 32)")
+    parser.add_argument("--dispatcher-events", choices=("on", "off"), default=DISPATCHER_ENV["GPU_DISPATCH_TASK_EVENTS"],
+                        help="task events of the dispatcher worker (default: off, as `gpu-dispatch dispatcher` runs it)")
     options = parser.parse_args()
 
     servers = local_servers(celeryconfig)
@@ -85,8 +87,9 @@ def run(supervisor: Supervisor, options: argparse.Namespace) -> None:
                      PROCESS_ENV)
     pool = (["--pool", "threads", "--concurrency", str(options.concurrency), "--prefetch-multiplier", "8"]
             if options.dispatcher_pool == "threads" else ["--pool", "solo", "--prefetch-multiplier", "32"])
+    events = {"GPU_DISPATCH_TASK_EVENTS": options.dispatcher_events}
     supervisor.start("dispatcher", celery("worker", "-Q", "dispatch", *pool, "-n", "bench-dispatcher@%h",
-                                          "--loglevel", "warning"), PROCESS_ENV)
+                                          "--loglevel", "warning"), {**PROCESS_ENV, **events})
     deadline = time.monotonic() + 60
     while True:
         view = views.current_view(app)
@@ -141,7 +144,8 @@ def report(best: dict[str, dict[str, float]], options: argparse.Namespace) -> No
     plain = best["plain"]
     print(f"\n{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{options.requests} requests × {options.rounds} rounds, best round each; "
-          f"2 simulated GPU workers × {options.concurrency} slots; dispatcher pool {options.dispatcher_pool}")
+          f"2 simulated GPU workers × {options.concurrency} slots; dispatcher pool {options.dispatcher_pool}, "
+          f"its task events {options.dispatcher_events}")
     print(f"{'path':<10}{'median ms':>11}{'p99 ms':>9}{'tasks/s':>9}{'median ×plain':>15}{'tasks/s ÷plain':>16}")
     for mode in MODES:
         f = best[mode]

@@ -14,7 +14,7 @@ import time
 import click
 
 import celeryconfig
-from gpu_dispatch.processes import beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
+from gpu_dispatch.processes import DISPATCHER_ENV, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
 from gpu_dispatch.servers import ServerError, local_servers
 from scoring import PROFILES
 from workers.gpu import TENANT_PROFILES
@@ -137,7 +137,7 @@ def dispatcher(concurrency: int, celery_args) -> None:
 
     The same as: celery -A gpu_dispatch worker -Q dispatch --pool threads -c 4 --prefetch-multiplier 8
     """
-    _exec(dispatcher_argv(concurrency) + list(celery_args), {})
+    _exec(dispatcher_argv(concurrency) + list(celery_args), DISPATCHER_ENV)
 
 
 @main.command("beat")

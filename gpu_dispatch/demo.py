@@ -30,7 +30,7 @@ from pathlib import Path
 
 import celeryconfig
 from gpu_dispatch.contract import gpu_queue
-from gpu_dispatch.processes import Supervisor, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
+from gpu_dispatch.processes import DISPATCHER_ENV, Supervisor, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
 from gpu_dispatch.registry import Registry, RegistryError
 from gpu_dispatch.servers import local_servers
 
@@ -99,7 +99,7 @@ def run(prompts: int, rate: float, keep: bool, flower_port: int, plot: Path | No
             supervisor.start(f"gpu{gpu}", gpu_worker_argv(gpu, slots, node=f"demo-gpu{gpu}@%h"),
                              {**env, "GPU_DISPATCH_SIM_TENANTS": tenants, "GPU_DISPATCH_SIM_SEED": str(gpu)})
         supervisor.start("beat", beat_argv(str(logs / "celerybeat-schedule")), env)
-        supervisor.start("dispatcher", dispatcher_argv(node="demo-dispatcher@%h"), env)
+        supervisor.start("dispatcher", dispatcher_argv(node="demo-dispatcher@%h"), {**env, **DISPATCHER_ENV})
         supervisor.start("flower", flower_argv(flower_port), {**env, **flower_env("127.0.0.1")})
         console.print(f"  {len(gpus)} GPU workers ({', '.join(f'gpu{g}: {t}' for g, t in gpus)}), beat, a "
                       f"dispatcher worker and Flower (http://127.0.0.1:{flower_port}) starting ...")

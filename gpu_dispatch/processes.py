@@ -36,6 +36,10 @@ def dispatcher_argv(concurrency: int = 4, node: str = "dispatcher@%h", loglevel:
                   "--prefetch-multiplier", "8", "-n", node, "--loglevel", loglevel)
 
 
+#: The dispatcher worker's own settings: no task events of its own (celeryconfig, GPU_DISPATCH_TASK_EVENTS).
+DISPATCHER_ENV = {"GPU_DISPATCH_TASK_EVENTS": "off"}
+
+
 def beat_argv(schedule: str, loglevel: str = "info") -> list[str]:
     return celery("beat", "--schedule", schedule, "--loglevel", loglevel)
 
