@@ -26,7 +26,6 @@ from urllib.parse import urlparse
 from kombu import Exchange
 
 from gpu_dispatch import contract
-from workers.gpu import TENANT_PROFILES  # standard library only
 
 
 class SettingError(ValueError):
@@ -240,9 +239,9 @@ sim_memory_mb = _declare(
 sim_gpus = _declare(
     "GPU_DISPATCH_SIM_GPUS", 8, "GPUs", "GPUs a host of simulated GPUs has: --gpu must be below it", _positive(int))
 sim_tenants = _declare(
-    "GPU_DISPATCH_SIM_TENANTS", "idle", "|".join(TENANT_PROFILES),
+    "GPU_DISPATCH_SIM_TENANTS", "idle", "|".join(contract.SIMULATED_TENANTS),
     "load other tenants put on a simulated GPU",
-    lambda raw: _choice(raw, set(TENANT_PROFILES)))
+    lambda raw: _choice(raw, set(contract.SIMULATED_TENANTS)))
 sim_seed = _declare(
     "GPU_DISPATCH_SIM_SEED", 0, "integer", "seed of the simulated tenants' load (reproducible runs)", int)
 sim_ms_per_token = _declare(

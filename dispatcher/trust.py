@@ -101,6 +101,8 @@ def _judge(entry: Instance | None, iid: str, claim: Claim, owners: Mapping[str, 
         return _excluded(entry, iid, "schema", claim,
                          f"metadata schema {metadata.get('schema')!r} is not one this dispatcher reads "
                          f"({', '.join(sorted(KNOWN_SCHEMAS))}); upgrade the dispatcher or the worker")
+    if metadata.get("gpu_error"):
+        return _excluded(entry, iid, "unhealthy", claim, f"its GPU cannot be read: {metadata['gpu_error']}")
     healthy = entry.healthy if entry is not None else True
     enabled = entry.enabled if entry is not None else True
     ip, port = _address(entry, iid)

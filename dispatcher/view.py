@@ -33,7 +33,6 @@ from dispatcher.trust import Verdict, vet
 from gpu_dispatch import broker as brokers, ownership
 from gpu_dispatch.ledger import Ledger, Load, ledger_mb
 from gpu_dispatch.registry import Instance, Registry
-from gpu_dispatch.settings import getter
 from scoring import Candidate, Decision, NoEligibleGpu, Profile, Request, choose, get_profile
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,8 @@ class RegistryView:
     @classmethod
     def from_config(cls, conf: Any, **overrides: Any) -> "RegistryView":
         """A view built from the settings (``app.conf``, or a mapping of them); ``overrides`` replace settings."""
-        get = getter(conf, **overrides)
+        def get(name: str) -> Any:
+            return overrides[name] if name in overrides else getattr(conf, name)
         return cls(registry_factory=lambda: Registry.from_config(conf, **overrides),
                    broker=brokers.client(get("broker_url"), get("broker_transport_options")),
                    profile=get_profile(get("dispatch_profile"), get("max_reading_age")),

@@ -14,10 +14,14 @@ import time
 import click
 
 import celeryconfig
+from gpu_dispatch.celery import app
+from gpu_dispatch.contract import SIMULATED_TENANTS
 from gpu_dispatch.processes import DISPATCHER_ENV, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
 from gpu_dispatch.servers import ServerError, local_servers
 from scoring import PROFILES
-from workers.gpu import TENANT_PROFILES
+
+#: The settings (celeryconfig.py), as every part of gpu-dispatch reads them.
+conf = app.conf
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,7 +41,7 @@ _HA = click.option("--ha", is_flag=True,
 
 def _local_servers(ha: bool):
     try:
-        return local_servers(celeryconfig, ha=ha)
+        return local_servers(conf, ha=ha)
     except ServerError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -94,7 +98,7 @@ def servers_status(ha: bool) -> None:
 @click.option("--gpu", "gpu", type=click.IntRange(min=0), required=True, help="Index of the GPU this worker serves.")
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), default=None,
               help="Inference slots [default: GPU_DISPATCH_MAX_CONCURRENCY].")
-@click.option("--tenants", type=click.Choice(list(TENANT_PROFILES)), default=None,
+@click.option("--tenants", type=click.Choice(list(SIMULATED_TENANTS)), default=None,
               help="Other tenants' load on a simulated GPU [default: GPU_DISPATCH_SIM_TENANTS].")
 @click.option("--simulated", is_flag=True, help="Use a simulated GPU even where NVML answers.")
 @click.option("--real-model", is_flag=True,
@@ -116,16 +120,16 @@ def worker(gpu: int, concurrency: int | None, tenants: str | None, simulated: bo
         from gpu_dispatch.model_server import MODEL_ALIAS
 
         env.update(GPU_DISPATCH_BACKEND="openai", GPU_DISPATCH_MODEL_NAME=MODEL_ALIAS)
-        port = celeryconfig.base_port + gpu
-        url = celeryconfig.openai_url or f"http://{celeryconfig.worker_ip or '127.0.0.1'}:{port}/v1/completions"
+        port = conf.base_port + gpu
+        url = conf.openai_url or f"http://{conf.worker_ip or '127.0.0.1'}:{port}/v1/completions"
         from workers.backends import OpenAIBackend
 
-        probe = OpenAIBackend(url, MODEL_ALIAS, celeryconfig.openai_connect_timeout, 5.0)
+        probe = OpenAIBackend(url, MODEL_ALIAS, conf.openai_connect_timeout, 5.0)
         problem = probe.health()
         probe.close()
         if problem:
             click.echo(f"warning: {problem}\n  start it with: gpu-dispatch model-server --gpu {gpu}", err=True)
-    argv = gpu_worker_argv(gpu, concurrency or celeryconfig.max_concurrency) + list(celery_args)
+    argv = gpu_worker_argv(gpu, concurrency or conf.max_concurrency) + list(celery_args)
     _exec(argv, env)
 
 
@@ -143,7 +147,7 @@ def dispatcher(concurrency: int, celery_args) -> None:
 @main.command("beat")
 def beat() -> None:
     """Run celery beat, which sends refresh_gpu_metadata to every GPU worker each refresh interval."""
-    _exec(beat_argv(celeryconfig.beat_schedule_filename), {})
+    _exec(beat_argv(conf.beat_schedule_filename), {})
 
 
 @main.command("flower")
@@ -164,7 +168,7 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
 @click.option("--once", is_flag=True, help="Print one snapshot and exit instead of refreshing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON (for scripts) and exit.")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
-@click.option("--profile", type=click.Choice(sorted(PROFILES)), default=celeryconfig.dispatch_profile,
+@click.option("--profile", type=click.Choice(sorted(PROFILES)), default=conf.dispatch_profile,
               show_default=True, help="Scoring profile to score with (default: GPU_DISPATCH_PROFILE).")
 def status(once: bool, as_json: bool, interval: float, profile: str) -> None:
     """Every registry entry: reading, ledger load (running, queued, held memory), age, score, probability,
@@ -183,9 +187,9 @@ def status(once: bool, as_json: bool, interval: float, profile: str) -> None:
     from gpu_dispatch.status import render, snapshot
     from scoring import Request, get_profile
 
-    scoring_profile = get_profile(profile, celeryconfig.max_reading_age)
-    request = Request(memory_mb=celeryconfig.request_memory_mb)
-    view = RegistryView.from_config(celeryconfig, dispatch_profile=profile)
+    scoring_profile = get_profile(profile, conf.max_reading_age)
+    request = Request(memory_mb=conf.request_memory_mb)
+    view = RegistryView.from_config(conf, dispatch_profile=profile)
     try:
         registry = view.open_registry()
     except RegistryError as exc:
@@ -264,10 +268,10 @@ def model_server(gpu: int, host: str, port: int | None, n_ctx: int, threads: int
     from gpu_dispatch.model_server import ModelServer, ModelServerError, ensure_model
 
     try:
-        model = ensure_model(celeryconfig.home)
+        model = ensure_model(conf.home)
     except ModelServerError as exc:
         raise click.ClickException(str(exc)) from None
-    server = ModelServer(port or celeryconfig.base_port + gpu, model, celeryconfig.home, host=host,
+    server = ModelServer(port or conf.base_port + gpu, model, conf.home, host=host,
                          n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, cache_bytes=cache_mb << 20)
     click.echo(f"model server of gpu{gpu}: {server.completions_url} (Ctrl-C stops it)", err=True)
     _exec(server.argv(), {})
@@ -284,7 +288,7 @@ def dead_letters(as_json: bool, clear: bool, limit: int) -> None:
     from gpu_dispatch import broker
     from gpu_dispatch.transport import DEAD_LETTER_KEY
 
-    client = broker.client(celeryconfig.broker_url, celeryconfig.broker_transport_options)
+    client = broker.client(conf.broker_url, conf.broker_transport_options)
     entries = [json.loads(raw) for raw in client.lrange(DEAD_LETTER_KEY, 0, limit - 1)]
     for entry in entries:
         if as_json:
@@ -302,10 +306,14 @@ def dead_letters(as_json: bool, clear: bool, limit: int) -> None:
 
 @main.command("config")
 @click.option("--markdown", is_flag=True, help="Print the reference table of docs/configuration.md instead.")
-def config(markdown: bool) -> None:
+@click.option("--metadata", is_flag=True, help="Print the instance metadata table of docs/metadata.md instead.")
+def config(markdown: bool, metadata: bool) -> None:
     """Print every setting: environment variable, value in force, default, unit and meaning."""
     if markdown:
         click.echo(config_reference())
+        return
+    if metadata:
+        click.echo(metadata_reference())
         return
     for setting in celeryconfig.SETTINGS.values():
         value = os.environ.get(setting.env, setting.default)
@@ -314,12 +322,25 @@ def config(markdown: bool) -> None:
         click.echo(f"    {setting.meaning} [{setting.unit}; default {celeryconfig.sanitize(setting.default)!r}]")
 
 
+def metadata_reference() -> str:
+    """The instance metadata contract as Markdown tables (docs/metadata.md embeds them; a test keeps them equal)."""
+    from gpu_dispatch import contract
+
+    lines = ["| key | example | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{key}` | `{example}` | {meaning} |" for key, (example, meaning) in contract.METADATA_KEYS.items()]
+    lines += ["", "Published only when there is something to say:", "", "| key | example | meaning |",
+              "| --- | --- | --- |"]
+    lines += [f"| `{key}` | `{example}` | {meaning} |"
+              for key, (example, meaning) in contract.OPTIONAL_METADATA_KEYS.items()]
+    return "\n".join(lines)
+
+
 def config_reference() -> str:
     """The settings as a Markdown table (docs/configuration.md embeds it; a test keeps the two equal)."""
     home_default = celeryconfig.SETTINGS["GPU_DISPATCH_HOME"].default
     lines = ["| variable | default | unit | meaning |", "| --- | --- | --- | --- |"]
     for s in celeryconfig.SETTINGS.values():
-        default = "`.local/` beside celeryconfig.py" if s.default == home_default else f"`{s.default}`"
+        default = "`.local/` beside conf.py" if s.default == home_default else f"`{s.default}`"
         if s.env == "GPU_DISPATCH_RESULT_BACKEND":
             default = "the broker URL"
         lines.append(f"| `{s.env}` | {default or '(empty)'} | {s.unit} | {s.meaning.replace('|', '/')} |")

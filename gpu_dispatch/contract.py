@@ -60,10 +60,14 @@ OPTIONAL_METADATA_KEYS: dict[str, tuple[str, str]] = {
     "model_running": ("8", "requests the model server is running (vllm:num_requests_running)"),
     "kv_cache_used_pct": ("41.5", "the model server's KV cache in use, percent (vllm:kv_cache_usage_perc)"),
     "backend_error": ("cannot reach http://10.0.0.5:8000", "the model server does not answer: no work is sent here"),
+    "gpu_error": ("memory: Unknown Error", "NVML could not read the GPU: no work is sent here"),
 }
 #: The seed article's keys, which its clients read.
 SEED_KEYS = ("gpu_index", "memory_total_mb", "memory_used_mb", "memory_free_mb", "gpu_util",
              "concurrent_requests", "model_name")
+
+#: The other tenants' load profiles a simulated GPU can carry (GPU_DISPATCH_SIM_TENANTS; workers/gpu.py).
+SIMULATED_TENANTS = ("idle", "steady", "bursty", "nearly-full")
 
 #: A GPU queue's name: ``gpu.<ip>.<port>`` (IPv4, or IPv6 with colons), nothing else.
 GPU_QUEUE_PATTERN = re.compile(r"^gpu\.(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]{2,39})\.\d{1,5}$")

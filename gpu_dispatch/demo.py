@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import celeryconfig
+from gpu_dispatch.celery import app
 from gpu_dispatch.contract import gpu_queue
 from gpu_dispatch.processes import DISPATCHER_ENV, Supervisor, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
 from gpu_dispatch.registry import Registry, RegistryError
@@ -64,6 +64,9 @@ REAL_PROMPTS = (
     "Why do servers keep logs?",
 )
 
+#: The settings (celeryconfig.py), as every part of gpu-dispatch reads them.
+conf = app.conf
+
 
 @dataclass
 class Outcome:
@@ -78,7 +81,7 @@ class Outcome:
 
 def run(prompts: int, rate: float, keep: bool, flower_port: int, plot: Path | None, console,
         real_model: bool = False) -> int:
-    home = Path(celeryconfig.home)
+    home = Path(conf.home)
     logs = home / "demo"
     supervisor = Supervisor(logs)
     started_servers = []
@@ -90,7 +93,7 @@ def run(prompts: int, rate: float, keep: bool, flower_port: int, plot: Path | No
         if real_model:
             env.update(REAL_ENV)
             model_servers = _start_model_servers(gpus, home, console)
-        for server in local_servers(celeryconfig):
+        for server in local_servers(conf):
             already_up = server.answering()
             console.print(f"  {server.start(timeout=120)}")
             if not already_up:  # stop afterwards only what this run started
@@ -103,7 +106,7 @@ def run(prompts: int, rate: float, keep: bool, flower_port: int, plot: Path | No
         supervisor.start("flower", flower_argv(flower_port), {**env, **flower_env("127.0.0.1")})
         console.print(f"  {len(gpus)} GPU workers ({', '.join(f'gpu{g}: {t}' for g, t in gpus)}), beat, a "
                       f"dispatcher worker and Flower (http://127.0.0.1:{flower_port}) starting ...")
-        registry = Registry.from_config(celeryconfig)
+        registry = Registry.from_config(conf)
         try:
             _wait_for_gpus(registry, supervisor, console, len(gpus))
             if real_model:
@@ -152,7 +155,7 @@ def _start_model_servers(gpus, home: Path, console) -> list:
         with console.status("assembling the model (first run only) ..."):
             model = ensure_model(home)
         for gpu, _ in gpus:
-            server = ModelServer(celeryconfig.base_port + gpu, model, home, name=f"demo-gpu{gpu}",
+            server = ModelServer(conf.base_port + gpu, model, home, name=f"demo-gpu{gpu}",
                                  share=len(gpus), n_ctx=1024)
             servers.append(server)
             with console.status(f"starting the model server of gpu{gpu} on port {server.port} ..."):
@@ -263,7 +266,7 @@ def _summarise(outcome: Outcome, console, plot: Path | None, gpus=GPUS) -> None:
     latency = defaultdict(list)
     for answer, ms in zip(outcome.answers, outcome.latencies_ms):
         latency[answer["gpu"]["queue"]].append(ms)
-    tenants = {gpu_queue(DEMO_ENV["GPU_DISPATCH_WORKER_IP"], celeryconfig.base_port + g): t for g, t in gpus}
+    tenants = {gpu_queue(DEMO_ENV["GPU_DISPATCH_WORKER_IP"], conf.base_port + g): t for g, t in gpus}
 
     table = Table(title=f"{len(outcome.answers)} answered, {len(outcome.errors)} errors, {outcome.lost} lost "
                         f"of {outcome.sent} sent")
@@ -333,4 +336,4 @@ def _wait_for_interrupt() -> None:
 
 
 def default_plot_path() -> Path:
-    return Path(os.path.join(celeryconfig.home, "demo", "demo.png"))
+    return Path(os.path.join(conf.home, "demo", "demo.png"))

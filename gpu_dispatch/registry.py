@@ -1,44 +1,10 @@
 """The one Nacos client facade that GPU workers and the dispatcher share.
 
-``nacos-sdk-python`` 3.x is an asyncio + gRPC client.  Celery code is
-synchronous, so :class:`Registry` owns a background thread running an event
-loop, creates the SDK client *inside* that loop, and offers plain blocking
-methods, each bounded by a timeout.  Facts of the SDK this class relies on
-(see ``docs/architecture.md``):
-
-- an ephemeral instance lives exactly as long as this client's gRPC
-  connection; there is no heartbeat to send, and a killed process's instance
-  vanishes when the server notices the connection is gone;
-- one connection holds one instance per service: a process serving several
-  GPUs needs one :class:`Registry` per GPU;
-- ``update`` re-registers and replaces the whole metadata map;
-- the SDK's ``list_instances`` reads its subscription cache once the service
-  is subscribed (and subscribes as a side effect); :meth:`Registry.list_instances`
-  queries the server instead, so a failed list means Nacos did not answer;
-- pushes of an empty instance list are dropped unless
-  ``update_cache_when_empty`` is set — we set it, because "the last GPU is
-  gone" is exactly what the dispatcher must hear;
-- subscription callbacks run on the client's event loop, so calling back into
-  the client from one would deadlock; :meth:`Registry._call` refuses that with
-  a clear error instead of hanging;
-- gRPC channels do not survive ``fork()``: build the registry in the process
-  that uses it (a Celery ``worker_process_init`` or bootstep, never at import);
-- the SDK's reconnection loop can end for good after a server restart (3.2.0:
-  a stray ``CancelledError`` while it reconnects stops its handler task, and
-  the health check keeps passing on the old channel), leaving the client
-  ``UNHEALTHY`` for ever with every call failing "client not connected".
-  :class:`Registry` heals that: when every call has failed for
-  ``reconnect_after`` seconds while the server's gRPC port accepts
-  connections, it opens a new client, replays its registrations and
-  subscriptions on it, and shuts the old one;
-- with auth enabled on the server, the SDK logs in over HTTP (``/v1/auth/users/login``)
-  and sends the token with every gRPC request; a refused login or request
-  (a wrong password, no user at all, a user without permission) fails the call
-  with a ``NacosException`` (code 403, or "get access token failed"), which
-  :class:`Registry` reports as a :class:`RegistryError` naming the settings
-  ``GPU_DISPATCH_NACOS_USERNAME`` / ``GPU_DISPATCH_NACOS_PASSWORD``.  The SDK's
-  first login runs in a task nobody awaits; its failure is logged here as one
-  warning instead of asyncio's "Task exception was never retrieved" traceback.
+:class:`Registry` gives plain blocking calls, each bounded by a timeout, over
+nacos-sdk-python's asyncio + gRPC client, which it runs on an event loop of
+its own.  The SDK facts it relies on, and the SDK faults it works around
+(:mod:`gpu_dispatch.nacos_workarounds`), are in ``docs/architecture.md``
+("The Nacos client").
 """
 
 from __future__ import annotations
@@ -46,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import threading
-import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
-from gpu_dispatch.settings import getter
+from gpu_dispatch.nacos_workarounds import (RECONNECT_AFTER, Healer, describe as _describe, open_replacement,
+                                           quietly, server_reachable)
 from v2.nacos import (ClientConfigBuilder, DeregisterInstanceParam, NacosException,
                       NacosNamingService, RegisterInstanceParam, SubscribeServiceParam)
 from v2.nacos.common.nacos_exception import NO_RIGHT
@@ -62,8 +27,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds :meth:`Registry.close` waits for the SDK to shut its connection.
 CLOSE_TIMEOUT = 5.0
-#: Seconds of failing calls, with the server reachable, after which the client is replaced.
-RECONNECT_AFTER = 10.0
 
 
 class RegistryError(Exception):
@@ -117,13 +80,10 @@ class Registry:
         self.namespace = namespace
         self.timeout = timeout
         self.server_addresses = server_addresses
-        self.reconnect_after = reconnect_after
         self.username = username
         self._state_lock = threading.Lock()
         self._registered: dict[tuple[str, int], dict[str, str]] = {}  # replayed on a new client
         self._subscriptions: list[Callable[[list], Awaitable[None]]] = []  # likewise
-        self._reachable_failing_since: float | None = None  # monotonic
-        self._replacing: Any = None  # the concurrent Future of a replacement under way
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._on_loop_exception)
@@ -145,6 +105,7 @@ class Registry:
         config.load_cache_at_start = False
         self._config = config
         self._grpc_offset = config.grpc_config.port_offset
+        self._healer = Healer(self._loop, self._server_reachable, reconnect_after, server_addresses)
         try:
             self._client: NacosNamingService = self._call(NacosNamingService.create_naming_service(config),
                                                           what="connect")
@@ -152,11 +113,21 @@ class Registry:
             self._stop_loop()
             raise
 
+    @property
+    def reconnect_after(self) -> float:
+        """Seconds of failing calls, with the server reachable, before the SDK client is replaced."""
+        return self._healer.reconnect_after
+
+    @reconnect_after.setter
+    def reconnect_after(self, seconds: float) -> None:
+        self._healer.reconnect_after = seconds
+
     @classmethod
     def from_config(cls, conf: Any, **overrides: Any) -> "Registry":
         """Build a registry from the settings in ``celeryconfig`` (or a Celery ``app.conf``);
         ``overrides`` replace settings by name, e.g. ``nacos_service="other"``."""
-        get = getter(conf, **overrides)
+        def get(name: str) -> Any:
+            return overrides[name] if name in overrides else getattr(conf, name)
         return cls(server_addresses=get("nacos_server_addresses"), service=get("nacos_service"),
                    namespace=get("nacos_namespace"), group=get("nacos_group"),
                    username=get("nacos_username"), password=get("nacos_password"),
@@ -274,12 +245,12 @@ class Registry:
             future.cancel()
             refused = self._refusal(exc)
             if refused:  # the server answered: the connection is fine, the credentials are not
-                self._reachable_failing_since = None
+                self._healer.succeeded()
                 raise RegistryError(f"Nacos at {self.server_addresses}: could not {what}: {refused}") from exc
             self._after_failure()
             raise RegistryError(f"Nacos at {self.server_addresses}: could not {what}: "
                                 f"{_describe(exc)} (GPU_DISPATCH_NACOS_SERVER, GPU_DISPATCH_NACOS_TIMEOUT)") from exc
-        self._reachable_failing_since = None
+        self._healer.succeeded()
         return result
 
     # -- auth failures ---------------------------------------------------------------
@@ -306,83 +277,28 @@ class Registry:
             return
         loop.default_exception_handler(context)
 
-    # -- replacing a client that no longer reconnects -----------------------------
+    # -- replacing a client that no longer reconnects (gpu_dispatch/nacos_workarounds.py) ------
 
     def _after_failure(self) -> None:
-        """Count a failed call; replace the client once calls have failed for
-        ``reconnect_after`` seconds while the server accepts connections."""
-        if self._closed or (self._replacing is not None and not self._replacing.done()):
-            return
-        if not self._server_reachable():
-            self._reachable_failing_since = None  # down: the SDK's own reconnection is what should act
-            return
-        now = time.monotonic()
-        if self._reachable_failing_since is None:
-            self._reachable_failing_since = now
-        elif now - self._reachable_failing_since >= self.reconnect_after:
-            log.warning("Nacos at %s answers but this client's calls have failed for %.0f s: it has stopped "
-                        "reconnecting; replacing it with a new client", self.server_addresses,
-                        now - self._reachable_failing_since)
-            self._reachable_failing_since = now  # next replacement no sooner than reconnect_after from now
-            self._replacing = asyncio.run_coroutine_threadsafe(self._replace_client(), self._loop)
+        if not self._closed:
+            self._healer.failed(self._replace_client)
 
     def _server_reachable(self) -> bool:
-        """Whether any configured server's gRPC port accepts a TCP connection now."""
-        for address in self._config.server_list:
-            host, _, port = address.removeprefix("http://").removeprefix("https://").rstrip("/").rpartition(":")
-            if not port.isdigit():
-                continue
-            try:
-                with socket.create_connection((host, int(port) + self._grpc_offset), timeout=1.0):
-                    return True
-            except OSError:
-                continue
-        return False
+        return server_reachable(self._config.server_list, self._grpc_offset)
 
     async def _replace_client(self) -> None:
-        """Open a new client, replay registrations and subscriptions on it, swap it in, shut the old one."""
-        try:
-            # Not bounded by ``timeout``: the SDK's start gives up by itself after three tries
-            # (a cancelled start would leave its tasks running).
-            new = await NacosNamingService.create_naming_service(self._config)
-        except Exception as exc:
-            log.warning("could not open a new Nacos client to %s: %s", self.server_addresses, _describe(exc))
-            return
-        if self._closed:
-            await _quietly(new.shutdown())
-            return
         with self._state_lock:
             registered, subscriptions = dict(self._registered), list(self._subscriptions)
-        try:
-            for (ip, port), metadata in registered.items():
-                await asyncio.wait_for(new.register_instance(self._instance(ip, port, metadata)), self.timeout)
-            for on_change in subscriptions:
-                await asyncio.wait_for(new.subscribe(self._subscription(on_change)), self.timeout)
-        except (NacosException, asyncio.TimeoutError, OSError) as exc:
-            log.warning("new Nacos client: replaying instances %d, subscriptions %d failed (%s); its own redo "
-                        "retries them", len(registered), len(subscriptions), _describe(exc))
-        old, self._client = self._client, new
-        log.warning("Nacos client to %s replaced; carried over: instances %d, subscriptions %d",
-                    self.server_addresses, len(registered), len(subscriptions))
-        await _quietly(old.shutdown())
+        replays = [self._instance(ip, port, metadata) for (ip, port), metadata in registered.items()]
+        new = await open_replacement(self._config, replays, [self._subscription(s) for s in subscriptions],
+                                     self.timeout, closed=lambda: self._closed, name=self.server_addresses)
+        if new is not None:
+            old, self._client = self._client, new
+            await quietly(old.shutdown(), CLOSE_TIMEOUT)
 
 
 async def _bounded(coro: Awaitable[Any], timeout: float) -> Any:
     return await asyncio.wait_for(coro, timeout)
-
-
-async def _quietly(coro: Awaitable[Any]) -> None:
-    """Shut a client down within :data:`CLOSE_TIMEOUT`, logging rather than raising."""
-    try:
-        await asyncio.wait_for(coro, CLOSE_TIMEOUT)
-    except Exception as exc:
-        log.debug("shutting an old Nacos client: %s", exc)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, (asyncio.TimeoutError, FutureTimeout)):
-        return "timed out"
-    return str(exc) or type(exc).__name__
 
 
 def _convert(instance: Any) -> Instance:

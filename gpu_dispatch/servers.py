@@ -51,7 +51,6 @@ from urllib.parse import urlparse
 
 import redis
 
-from gpu_dispatch.settings import getter
 
 #: Nacos server release we build and run (``com.pig4cloud.nacos:nacos-naming`` / ``nacos-config`` on
 #: Maven Central); pinned in ``nacos-server/pom.xml`` too.
@@ -211,17 +210,6 @@ class LocalServer:
                 time.sleep(0.05)
         self.pidfile.unlink(missing_ok=True)
         return f"{self.name} at {self.address} stopped (pid {pid})"
-
-    def kill(self) -> str:
-        """SIGKILL the server we started (fault injection: a crash, not a shutdown)."""
-        pid = self.pid()
-        if pid is None:
-            return f"{self.name} at {self.address}: not started by gpu-dispatch, left alone"
-        _signal_group(pid, signal.SIGKILL)
-        while _alive(pid):
-            time.sleep(0.05)
-        self.pidfile.unlink(missing_ok=True)
-        return f"{self.name} at {self.address} killed (pid {pid})"
 
     def _failure(self, what: str) -> ServerError:
         tail = _tail(self.logfile, LOG_TAIL_LINES)
@@ -678,11 +666,10 @@ def _apt_install(packages: list[str], otherwise: str) -> None:
 def local_servers(conf: object, ha: bool = False) -> tuple[RedisServer, NacosServer | NacosCluster]:
     """The Redis and Nacos servers named by the settings (``celeryconfig`` or ``app.conf``): Nacos
     standalone, or a :class:`NacosCluster` with ``ha``; auth on when a Nacos user is configured."""
-    get = getter(conf)
-    auth = NacosAuth.from_settings(get("nacos_username"), get("nacos_password"))
+    auth = NacosAuth.from_settings(conf.nacos_username, conf.nacos_password)
     nacos = NacosCluster if ha else NacosServer
-    return (RedisServer.from_url(get("broker_url"), get("home")),
-            nacos.from_addresses(get("nacos_server_addresses"), get("home"), auth=auth))
+    return (RedisServer.from_url(conf.broker_url, conf.home),
+            nacos.from_addresses(conf.nacos_server_addresses, conf.home, auth=auth))
 
 
 def _alive(pid: int) -> bool:

@@ -21,6 +21,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
+from gpu_dispatch.contract import SIMULATED_TENANTS
+
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
@@ -153,6 +155,7 @@ TENANT_PROFILES = {
     "bursty": (0.30, 35.0),
     "nearly-full": (0.90, 85.0),
 }
+assert tuple(TENANT_PROFILES) == SIMULATED_TENANTS, "gpu_dispatch.contract names the profiles a setting may choose"
 
 #: Utilisation (percentage points) one running simulated request adds.
 UTIL_PER_REQUEST = 20.0

@@ -136,6 +136,8 @@ class GpuWorker:
         }
         assert set(metadata) == set(contract.METADATA_KEYS), "the contract and the writer disagree"
         metadata.update(self._backend_signals)
+        if reading.error:
+            metadata["gpu_error"] = reading.error[:BACKEND_ERROR_CHARS]
         if self._backend_error:
             metadata["backend_error"] = self._backend_error[:BACKEND_ERROR_CHARS]
         return metadata
@@ -157,7 +159,8 @@ class GpuWorker:
 
     def check_metadata_size(self) -> None:
         # The largest map this worker may publish: with every optional key at its longest.
-        largest = {**self.metadata(), "backend_error": "x" * BACKEND_ERROR_CHARS, "model_waiting": "100000",
+        largest = {**self.metadata(), "backend_error": "x" * BACKEND_ERROR_CHARS,
+                   "gpu_error": "x" * BACKEND_ERROR_CHARS, "model_waiting": "100000",
                    "model_running": "100000", "kv_cache_used_pct": "100.0"}
         size = contract.metadata_size(largest)
         if size > contract.METADATA_LIMIT:

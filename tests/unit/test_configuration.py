@@ -33,3 +33,12 @@ def test_a_choice_setting_lists_the_allowed_values():
     done = subprocess.run([sys.executable, "-c", "import celeryconfig"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert "expected one of openai, python, simulated" in done.stderr
+
+
+def test_metadata_doc_lists_every_key_as_the_contract_declares_it():
+    from gpu_dispatch.cli import metadata_reference
+
+    doc = (ROOT / "docs" / "metadata.md").read_text()
+    generated = re.search(r"<!-- generated: .*? -->\n(.*)<!-- end generated -->", doc, re.S).group(1)
+    assert generated.strip() == metadata_reference().strip(), \
+        "docs/metadata.md is stale: paste the output of `gpu-dispatch config --metadata`"

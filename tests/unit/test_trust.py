@@ -63,6 +63,11 @@ def test_an_entry_its_live_worker_claims_is_trusted_and_read_from_the_claim():
     ("the claim's metadata names another queue", [entry()],
      [dataclasses.replace(claim(), metadata=metadata(queue="gpu.10.0.0.1.8001"))], None,
      "forged", "metadata names queue 'gpu.10.0.0.1.8001', its worker consumes 'gpu.10.0.0.1.8000'"),
+    ("NVML cannot read the GPU", [entry()], [claim(gpu_error="memory: Unknown Error", memory_total_mb="0",
+                                                   memory_free_mb="0", memory_used_mb="0")], None,
+     "unhealthy", "its GPU cannot be read: memory: Unknown Error"),
+    ("its model server does not answer", [entry()], [claim(backend_error="cannot reach http://x:8000")], None,
+     "unhealthy", "its model server does not answer: cannot reach http://x:8000"),
     ("malformed reading", [entry(meta=metadata(memory_free_mb="-1"))], [claim(memory_free_mb="-1")], None,
      "malformed", "memory_free_mb is '-1': negative"),
 ])
