@@ -2,14 +2,9 @@
 
     from dispatcher import dispatch_inference
 
-    result = dispatch_inference.delay("Explain attention", max_tokens=64)
-    result.get(timeout=60)  # {"text": ..., "gpu": {...}, "timings": {...}, ...}
+    dispatch_inference.delay("Explain attention", max_tokens=64).get(timeout=60)
 
-Read in the order a request flows: :mod:`dispatcher.request` (the call is
-checked), :mod:`dispatcher.view` (the live view of the GPUs),
-:mod:`dispatcher.tasks` (the producer and central paths),
-:mod:`dispatcher.rescue` (orphaned queues), :mod:`dispatcher.metrics`.
-``docs/dispatcher.md`` explains the design and its measurements.
+``docs/dispatcher.md`` follows one request through the modules here.
 """
 
 from dispatcher.errors import InvalidRequest, NoGpuAvailable

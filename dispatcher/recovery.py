@@ -1,29 +1,9 @@
 """Recovery: every request the ledger holds ends in an answer, whatever happens to the worker it was sent to.
 
-A dispatcher worker sweeps the ledger every ``GPU_DISPATCH_RESCUE_INTERVAL``
-seconds (several may sweep at once: every move is a compare-and-set in the
-ledger).  What the sweep decides is :func:`due`, a pure function of what it
-read; what it does about it is :meth:`Recovery.sweep`:
-
-- **holder gone** — a request started by an incarnation whose lease is gone
-  (killed, hung, cut off, or superseded by its own restart) is re-dispatched;
-- **ownerless queue** — requests waiting for a queue that no live worker has
-  owned for two sweeps in a row are re-dispatched;
-- **lost in transit** — after a queue's owner changed (the old one died), a
-  request still waiting for it that is in none of its lists on two sweeps in
-  a row was taken by the dead owner and is re-dispatched; every
-  :data:`SAFETY_AUDIT_S` seconds every queue is audited the same way;
-- **outcome claimed, never settled** — looked up in the result backend: settled if stored,
-  re-dispatched if not;
-- **over the time limit** — a request running longer than
-  ``GPU_DISPATCH_MAX_INFERENCE_SECONDS`` is answered with
-  :class:`~dispatcher.errors.InferenceTimeLimitExceeded`; whatever its worker
-  returns later is discarded by the ledger;
-- **no GPU for it** — a request recovery cannot place for ``GPU_DISPATCH_NO_GPU_WAIT``
-  seconds is answered with :class:`~dispatcher.errors.NoGpuAvailable`.
-
-Besides the ledger, the sweep puts back ``dispatch`` messages that a dead
-dispatcher worker held (:meth:`Recovery.rescue_dispatch_queue`).
+:func:`due` decides (pure) what a sweep re-dispatches and why; :class:`Recovery`
+sweeps, re-dispatches, answers what ran over its time limit or found no GPU, and
+puts back a dead dispatcher worker's ``dispatch`` messages.  ``docs/dispatcher.md``
+("Recovery") gives the rules and the bound.
 """
 
 from __future__ import annotations

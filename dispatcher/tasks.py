@@ -1,21 +1,7 @@
-"""``dispatch_inference``: the call apps make, and the dispatcher worker that serves its central path.
+"""``dispatch_inference``: the call apps make, its two paths to a GPU, and the dispatcher worker's task.
 
-One request, from ``dispatch_inference.delay(prompt, **options)`` to the result:
-
-1. :meth:`DispatchTask.apply_async` (``delay`` calls it) checks the call in
-   the caller's process (:mod:`dispatcher.request`); a bad call raises
-   :class:`~dispatcher.errors.InvalidRequest` and nothing is queued.
-2. **Producer path** (the default): this process's view picks the GPU,
-   :func:`hand_on` records the request in the ledger and publishes
-   ``run_inference`` to that GPU's queue under the caller's task id — one hop.
-   No view yet, no eligible GPU, or Celery canvas options: the central path.
-3. **Central path**: ``dispatch_inference`` waits on ``dispatch`` for a
-   dispatcher worker, which picks the GPU and hands it on the same way (or
-   retries with backoff for ``GPU_DISPATCH_NO_GPU_WAIT`` s, then fails with
-   :class:`~dispatcher.errors.NoGpuAvailable`).
-
-Either way the caller's ``AsyncResult`` is ``run_inference``'s; the ledger
-then follows the request to its stored outcome (``docs/dispatcher.md``).
+:func:`hand_on` is the one way a request reaches a GPU the first time: pick,
+record in the ledger, publish.  ``docs/dispatcher.md`` ("The two paths").
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
 """The dispatcher's live view of the GPUs: Nacos membership, broker-side proof and reading, ledger load.
 
-One :class:`RegistryView` per process that dispatches (an app on the producer
-path, a dispatcher worker).  Two daemon threads keep it current, so
-:meth:`RegistryView.choose` only reads memory under a lock:
-
-- **registry**: the service's instances from Nacos — push subscription, and
-  a full list every ``GPU_DISPATCH_RECONCILE_INTERVAL`` s;
-- **broker**: every ``GPU_DISPATCH_QUEUE_DEPTH_INTERVAL`` s, one pass over
-  the broker for the claims of those instances, the owners of the queues
-  they name and the ledger's load of each (:func:`dispatcher.trust.vet`
-  decides which entries are trusted, and their reading is the claim's).
-
-Between two passes, what this process itself sent is added to the load, so a
-burst from one process is seen at once.  ``docs/dispatcher.md`` ("The
-registry view") says what happens when Nacos or Redis is unreachable.
+Two daemon threads keep a :class:`RegistryView` current, so
+:meth:`RegistryView.choose` only reads memory under a lock.  ``docs/dispatcher.md``
+("What a dispatcher knows").
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """Who may receive work: GPU workers' leases and claims, held in the broker's Redis.
 
-A GPU worker process is one *incarnation* (a random id; a restarted worker
-is a new one).  Every second it renews, in one script:
-
-- its lease ``worker:<incarnation>`` (it is alive; what it started is its own),
-- ``owner:<queue>`` (the one incarnation consuming that GPU queue), and
-- ``instance:<ip>:<port>[#cluster]`` — the claim on its Nacos instance,
-  carrying its latest reading and fingerprints of what it published there.
-
-Nacos is shared with other teams and anyone can register there; only our
-workers write the broker.  So a dispatcher trusts an instance only when a
-live claim names it, and reads the reading from that claim: an instance
-with no claim, a claim for another instance, or metadata that differs from
-what the owner published is not steered by (``docs/security.md``).
+Each GPU worker process (an *incarnation*) renews every second its lease, the
+ownership of its queue, and a claim on its Nacos instance carrying its latest
+reading; dispatchers trust a Nacos entry only through such a claim.
+``docs/security.md`` has the trust model.
 """
 
 from __future__ import annotations

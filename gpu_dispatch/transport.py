@@ -1,25 +1,7 @@
 """kombu's Redis transports with two faults worked around: workers that die when Redis restarts, and
-messages that kill a consumer.  Selected by ``celeryconfig.broker_transport``; the broker URL stays
-``redis://`` (or ``sentinel://``).
-
-**Redis restart** (kombu 5.7.0; no upstream issue found for this path, kin of celery/kombu#582).
-On a broker connection error Celery's consumer calls ``connection.collect()``,
-which stops closing channels at the first one whose close fails and then sets
-``transport.client = None``; the task channel, closed afterwards, restores its
-unacknowledged messages through a new pool built from ``transport.client``:
-``AttributeError: 'NoneType' object has no attribute 'hostname'``, which
-nothing catches — "Unrecoverable error", the worker exits.  Our channel keeps
-the parameters it connected with, so that late close (or a late ack) talks to
-Redis as before, or fails with a ``redis.ConnectionError`` that kombu and Celery
-handle.  ``tests/integration/test_broker.py`` plays the sequence against a real
-Redis it kills: it passes with this transport and shows kombu's own failing
-(so it says when the workaround can go).
-
-**Poison messages.** Anyone who can write to Redis can push a list entry that
-is not JSON, or JSON that is not a kombu envelope; kombu decodes it inside the
-consumer's event loop and the exception ends the worker.  Our channel moves
-such an entry to the dead-letter list (:data:`DEAD_LETTER_KEY`, with the
-queue, the reason and the time) and goes on.
+messages that kill a consumer.  Selected for ``redis://`` and ``sentinel://`` URLs by
+``gpu_dispatch.celery``; ``docs/reliability.md`` ("Workarounds") tells each fault, its
+upstream kin and the test that pins it.
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
 """Registry instance metadata → typed GPU state.
 
-A GPU worker publishes its live state as Nacos instance metadata, all values
-strings (``docs/scoring.md`` lists the keys).  :func:`parse_instance` turns one
-instance into a :class:`GpuState` or raises :class:`MalformedMetadata` with a
-reason an operator can act on.  It checks each instance on its own, so one
-malformed instance (another team's, an old worker's) never affects the others.
-
-What is refused, and why:
-
-- no ``queue`` key — the dispatcher would have nowhere to send the work: this
-  is an instance that the seed article's scripts (or another team) registered,
-  not a gpu-dispatch worker;
-- a missing, non-numeric, non-finite or negative reading among the seed
-  article's keys;
-- an absurd value (more than :data:`MAX_MEMORY_MB` of memory, utilisation over
-  100 %, :data:`MAX_COUNT` requests), or one that contradicts another (free
-  memory above total; used plus free far from total);
-- an ``updated_at`` that reads as seconds rather than milliseconds, or lies
-  more than :data:`MAX_CLOCK_SKEW_MS` in the future.
-
-A reading without ``updated_at`` is accepted with an unknown age: the
-freshness filter then treats it as stale and says so.
+:func:`parse_instance` turns one instance's metadata (all values strings) into a
+:class:`GpuState`, or raises :class:`MalformedMetadata` with a reason an operator
+can act on; each instance is checked on its own, so a malformed one never
+affects the others.  ``docs/scoring.md`` lists what is refused and why.
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
 """Celery bootsteps that turn a Celery worker into a GPU worker: ``celery -A gpu_dispatch worker --gpu N``.
 
-:class:`GpuWorkerStep` (worker blueprint) builds this process's
-:class:`~workers.runtime.GpuWorker`, makes the worker consume its GPU's queue
-and refuses pools that are unsafe for CUDA.
-
-:class:`RefreshLane` (consumer blueprint) is how ``refresh_gpu_metadata``
-reaches every GPU worker and runs there even while every inference slot is
-busy (see ``docs/architecture.md``, "Keeping metadata fresh"):
-
-- beat publishes the task to the fan-out exchange ``gpu.refresh``, declaring
-  the exchange itself (a producer that has not declared it loses the message
-  on Redis); each GPU worker binds its own queue to it;
-- the lane consumes that queue and the worker's own direct control queue on
-  a channel of its own, so refresh messages are not held back by the
-  inference queue's prefetch limit, and runs them through Celery's request
-  machinery in a one-thread pool of their own — never in an inference slot;
-- a retry goes to the worker's direct control queue, not back to the
-  fan-out (where it would reach every worker, or nobody);
-- the first registration is such a control message too, so a Nacos that is
-  not up yet is retried with the task's own backoff.
+:class:`GpuWorkerStep` builds the process's :class:`~workers.runtime.GpuWorker`,
+consumes its GPU's queue, refuses pools unsafe for CUDA and keeps its lease;
+:class:`RefreshLane` runs ``refresh_gpu_metadata`` on a channel and a thread of
+its own.  ``docs/architecture.md`` ("Keeping metadata fresh").
 """
 
 from __future__ import annotations
