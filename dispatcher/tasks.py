@@ -53,14 +53,9 @@ def hand_on(view: views.RegistryView, task_id: str, prompt: str, options: dict[s
     queue = decision.chosen.state.queue
     message = {"args": [prompt], "kwargs": options, "parent_id": parent_id, "root_id": root_id}
 
-    def record() -> bool:
-        with view.ledger.client.pipeline(transaction=False) as pipe:
-            view.ledger.dispatch(task_id, queue, request.memory_mb, message, path, pipe=pipe)
-            if affinity:
-                pipe.set(affinity, queue, ex=app.conf.affinity_ttl)
-            return bool(pipe.execute()[0])
-
-    if not _wait_out_outage(record):
+    remember = (affinity, app.conf.affinity_ttl) if affinity else None
+    if not _wait_out_outage(lambda: view.ledger.dispatch(task_id, queue, request.memory_mb, message, path,
+                                                         affinity=remember)):
         log.warning("task %s is already in the ledger: handed on before (by a dispatcher that died before "
                     "acknowledging); not sent again", task_id)
         return None

@@ -66,10 +66,12 @@ local function hold(id, inc)
 end
 """
 
-#: ARGV: prefix, id, queue, memory MB, now ms, message JSON, path.  1 if recorded, 0 if the id is known.
+#: ARGV: prefix, id, queue, memory MB, now ms, message JSON, path, and optionally an affinity key and its
+#: TTL in seconds (remember that this queue served that prefix).  1 if recorded, 0 if the id is known.
 _DISPATCH = _ACCOUNT + """
 local id, q, mb, now = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local key = P .. 'req:' .. id
+if ARGV[8] then redis.call('SET', ARGV[8], q, 'EX', tonumber(ARGV[9])) end
 if redis.call('EXISTS', key) == 1 then return 0 end
 redis.call('HSET', key, 'st', 'queued', 'q', q, 'n', 1, 'mb', mb, 'sent', now, 'msg', ARGV[6], 'path', ARGV[7])
 redis.call('ZADD', P .. 'open', now, id)
@@ -274,18 +276,15 @@ class Ledger:
     # -- dispatchers ----------------------------------------------------------------
 
     def dispatch(self, task_id: str, queue: str, memory_mb: float, message: Mapping[str, Any], path: str,
-                 pipe: redis.client.Pipeline | None = None) -> bool | None:
+                 affinity: tuple[str, int] | None = None) -> bool:
         """Record that ``task_id`` is sent to ``queue`` (attempt 1); ``False`` when it is already known.
 
         ``message`` is what re-dispatching needs: ``args``, ``kwargs`` and the
-        ids of its parent and root.  With ``pipe`` the call is queued on that
-        pipeline and ``None`` returned (its result comes with ``execute()``).
+        ids of its parent and root.  ``affinity`` — a key and a TTL in seconds —
+        remembers, in the same round trip, that ``queue`` served that prefix.
         """
         args = [PREFIX, task_id, queue, ledger_mb(memory_mb), now_ms(),
-                json.dumps(message, separators=(",", ":")), path]
-        if pipe is not None:
-            self._dispatch(args=args, client=pipe)
-            return None
+                json.dumps(message, separators=(",", ":")), path, *(affinity or ())]
         return bool(self._dispatch(args=args))
 
     def loads(self, queues: list[str]) -> dict[str, Load]:
