@@ -12,11 +12,11 @@ from scoring.errors import InvalidParameter, MalformedMetadata, NoEligibleGpu, S
 from scoring.filters import BelowMaxConcurrency, Filter, Fresh, Healthy, MemoryFits, ModelMatches
 from scoring.pickers import Picker, PowerOfTwoChoices, WeightedRoulette, ranked
 from scoring.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
-from scoring.scorers import FreeMemory, InFlight, QueueDepth, Scorer, SeedFormula, Utilisation
+from scoring.scorers import ExpectedWait, FreeMemory, InFlight, QueueDepth, Scorer, SeedFormula, Utilisation
 from scoring.state import GpuState, parse_instance
 
 __all__ = [
-    "BelowMaxConcurrency", "Candidate", "CandidateReport", "DEFAULT_PROFILE", "Decision", "Filter",
+    "BelowMaxConcurrency", "Candidate", "CandidateReport", "DEFAULT_PROFILE", "Decision", "ExpectedWait", "Filter",
     "FreeMemory", "Fresh", "GpuState", "Healthy", "InFlight", "InvalidParameter", "MalformedMetadata",
     "MemoryFits", "ModelMatches", "NoEligibleGpu", "PROFILES", "Picker", "PowerOfTwoChoices", "Profile",
     "QueueDepth", "Request", "ScoringError", "Scorer", "SeedFormula", "Utilisation", "WeightedRoulette",

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from scoring.candidates import Candidate, Request
 from scoring.errors import NoEligibleGpu
+from scoring.filters import Filter
 from scoring.pickers import Picker, ranked
 from scoring.profiles import DEFAULT_PROFILE, Profile, get_profile
 
@@ -50,7 +51,7 @@ class Decision:
     """
 
     def __init__(self, profile: Profile, candidates: tuple[Candidate, ...], eligible: list[Candidate],
-                 scores: list[float], dropped: dict[int, str], index: int) -> None:
+                 scores: list[float], dropped: "_Dropped", index: int) -> None:
         self.profile = profile
         self.chosen = eligible[index]
         self._candidates = candidates
@@ -103,7 +104,8 @@ def choose(candidates: Sequence[Candidate], request: Request, *, profile: Profil
     candidates = tuple(candidates)
     eligible, scores, dropped = _evaluate(candidates, request, profile, now_ms)
     if not eligible:
-        raise NoEligibleGpu({c.state.key: dropped[id(c)] for c in candidates}, request.describe())
+        reasons = dropped.reasons()
+        raise NoEligibleGpu({c.state.key: reasons[id(c)] for c in candidates}, request.describe())
     index = _preferred(eligible, prefer, prefer_slack) if prefer is not None else None
     if index is None:
         index = profile.picker.pick(scores, rng or _RNG)
@@ -153,18 +155,39 @@ def explain(candidates: Sequence[Candidate], request: Request, *, profile: Profi
     return _reports(candidates, eligible, scores, dropped, profile.picker)
 
 
+class _Dropped:
+    """The candidates the filters dropped, each with the filter that dropped it first.
+
+    Only who dropped what is kept on the hot path; the reasons are worded
+    (:meth:`Filter.why`) when someone asks for them: an explanation, or the
+    message of :class:`NoEligibleGpu`.
+    """
+
+    __slots__ = ("pairs", "request", "now_ms", "_reasons")
+
+    def __init__(self, request: Request, now_ms: int) -> None:
+        self.pairs: list[tuple[Candidate, Filter]] = []
+        self.request = request
+        self.now_ms = now_ms
+        self._reasons: dict[int, str] | None = None
+
+    def reasons(self) -> dict[int, str]:
+        """``id(candidate)`` → why it was dropped, worded once."""
+        if self._reasons is None:
+            self._reasons = {id(c): f.why(c, self.request, self.now_ms) for c, f in self.pairs}
+        return self._reasons
+
+
 def _evaluate(candidates: tuple[Candidate, ...], request: Request, profile: Profile,
-              now_ms: int) -> tuple[list[Candidate], list[float], dict[int, str]]:
-    """Filter, then score: the eligible candidates, their scores, and why each other one was dropped."""
+              now_ms: int) -> tuple[list[Candidate], list[float], _Dropped]:
+    """Filter, then score: the eligible candidates, their scores, and which filter dropped each other one."""
     eligible: Sequence[Candidate] = candidates
-    dropped: dict[int, str] = {}
+    dropped = _Dropped(request, now_ms)
     for item in profile.filters:
         kept = item.keep(eligible, request, now_ms)
         if len(kept) != len(eligible):
             passed = {id(c) for c in kept}
-            for c in eligible:
-                if id(c) not in passed:
-                    dropped[id(c)] = item.why(c, request, now_ms)
+            dropped.pairs.extend((c, item) for c in eligible if id(c) not in passed)
         eligible = kept
     eligible = list(eligible)
     if not eligible:
@@ -183,14 +206,15 @@ def _evaluate(candidates: tuple[Candidate, ...], request: Request, profile: Prof
 
 
 def _reports(candidates: tuple[Candidate, ...], eligible: list[Candidate], scores: list[float],
-             dropped: dict[int, str], picker: Picker) -> list[CandidateReport]:
+             dropped: _Dropped, picker: Picker) -> list[CandidateReport]:
     probabilities = picker.probabilities(scores) if scores else []
     scored = {id(c): (s, p) for c, s, p in zip(eligible, scores, probabilities)}
+    reasons = dropped.reasons() if dropped.pairs else {}
     reports = []
     for c in candidates:
         entry = scored.get(id(c))
         if entry is None:
-            reports.append(CandidateReport(c.state.key, None, 0.0, dropped[id(c)]))
+            reports.append(CandidateReport(c.state.key, None, 0.0, reasons[id(c)]))
         else:
             reports.append(CandidateReport(c.state.key, entry[0], entry[1], None))
     return reports

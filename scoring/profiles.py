@@ -17,7 +17,7 @@ from typing import Mapping
 from scoring.errors import InvalidParameter
 from scoring.filters import Filter, Fresh, Healthy, MemoryFits, ModelMatches
 from scoring.pickers import Picker, PowerOfTwoChoices, WeightedRoulette
-from scoring.scorers import InFlight, QueueDepth, Scorer, SeedFormula, Utilisation
+from scoring.scorers import ExpectedWait, InFlight, Scorer, SeedFormula, Utilisation
 
 #: Name of the profile used when none is named.
 DEFAULT_PROFILE = "default"
@@ -87,13 +87,15 @@ SEED = Profile(
 
 #: Filters of the profiles built on normalised signals.
 _SIGNAL_FILTERS = (Healthy(), ModelMatches(), Fresh(), MemoryFits())
-#: Weighted signals of the profiles built on normalised signals, tuned with ``python -m bench.balance``
-#: (docs/bench-balance.md): free memory only has to fit (the filter); more of it did not shorten latency.
-_SIGNAL_SCORERS = ((QueueDepth(half_at=2.0), 4.0), (InFlight(), 2.0), (Utilisation(), 1.0))
+#: Weighted signals of the profiles built on normalised signals, tuned with the simulation of
+#: ``python -m bench.balance`` on seeds it does not report (docs/bench-balance.md): the expected wait
+#: (the ledger's line in rounds of what the GPU's memory lets it run at once) carries most of the
+#: weight; work in flight (smaller batches run faster) and idle compute break its ties.
+_SIGNAL_SCORERS = ((ExpectedWait(half_at=1.0), 4.0), (InFlight(), 1.0), (Utilisation(), 1.0))
 
-#: Our best (see docs/bench-balance.md): fresh readings where the request fits, scored on the live
-#: broker queue, work in flight (reported plus sent since the reading) and idle compute, picked by
-#: a sharpened roulette — nearly "least loaded", yet random among GPUs that score alike.
+#: Our best (see docs/bench-balance.md): fresh readings where the request could fit at all, scored
+#: on the expected wait, work in flight and idle compute, picked by a sharpened roulette — nearly
+#: "shortest expected wait", yet random among GPUs that score alike.
 DEFAULT = Profile(
     name="default",
     filters=_SIGNAL_FILTERS,

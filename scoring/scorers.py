@@ -25,6 +25,8 @@ from scoring.errors import InvalidParameter
 DEFAULT_IN_FLIGHT_HALF_AT = 4.0
 #: Default for :class:`QueueDepth`: waiting messages at which its score halves.
 DEFAULT_QUEUE_HALF_AT = 1.0
+#: Default for :class:`ExpectedWait`: rounds of waiting at which its score halves.
+DEFAULT_WAIT_HALF_AT = 1.0
 #: The seed article's weight on free memory, per MB.
 SEED_MEMORY_WEIGHT = 1.0
 #: The seed article's weight on idle compute, per percentage point below 100 % utilisation.
@@ -99,7 +101,8 @@ class InFlight(Scorer):
 
     def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
         k = self._per_request
-        return [1.0 / (1.0 + (c.running_now + c.queued) * k) for c in candidates]
+        return [1.0 / (1.0 + ((c.state.concurrent_requests if c.running is None else c.running) + c.queued) * k)
+                for c in candidates]
 
     def __repr__(self) -> str:
         return f"InFlight(half_at={self.half_at:g})"
@@ -144,3 +147,48 @@ class SeedFormula(Scorer):
                       + SEED_IDLE_WEIGHT * (100.0 - c.state.gpu_util)
                       - SEED_CONCURRENCY_PENALTY * c.state.concurrent_requests) > SEED_FLOOR
                 else SEED_FLOOR for c in candidates]
+
+
+class ExpectedWait(Scorer):
+    """A shorter expected wait is better: the requests on the GPU, in rounds of what it can run at once.
+
+    From the ledger and the reading.  ``n`` requests are there — running and
+    waiting, plus this one — needing ``mb`` MB together (running_mb +
+    queued_mb + this one's).  In one round the GPU runs ``parallel`` of them:
+    ``max_concurrency`` (unknown: all), or fewer when the memory its other
+    tenants leave (:attr:`GpuState.room_mb`) holds fewer requests of their
+    mean size (``floor(room_mb / (mb / n))``), at least 1.  The request
+    waits ``rounds = n / parallel - 1`` rounds (one round: the time one batch
+    takes) — also when the memory free now, less what waits there, cannot
+    hold it (``mb > room_mb``: fewer than ``n`` fit).  Score
+    ``1 / (1 + rounds / half_at)``: 1 where it starts at once.
+
+    Unlike :class:`QueueDepth`, a line of three on a GPU that holds one of
+    our requests at a time (its other tenants hold most of its memory)
+    counts as three rounds; on one that holds three, as one.
+
+    :param half_at: rounds of waiting at which the score is 0.5; default :data:`DEFAULT_WAIT_HALF_AT`.
+    """
+
+    name = "expected_wait"
+
+    def __init__(self, half_at: float = DEFAULT_WAIT_HALF_AT) -> None:
+        self.half_at = _half_at(half_at, "rounds")
+        self._per_round = 1.0 / self.half_at
+
+    def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
+        need, k = request.memory_mb, self._per_round
+        out = []
+        append = out.append
+        for c in candidates:
+            state = c.state
+            n = (state.concurrent_requests if c.running is None else c.running) + c.queued + 1
+            mb = (state.held_mb if c.running_mb is None else c.running_mb) + c.queued_mb + need
+            parallel = state.max_concurrency or n
+            if mb > 0.0 and (fit := int(state.room_mb * n / mb)) < parallel:
+                parallel = fit if fit > 1 else 1
+            append(1.0 / (1.0 + (n - parallel) * k / parallel) if n > parallel else 1.0)
+        return out
+
+    def __repr__(self) -> str:
+        return f"ExpectedWait(half_at={self.half_at:g})"

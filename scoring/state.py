@@ -9,7 +9,7 @@ affects the others.  ``docs/scoring.md`` lists what is refused and why.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from gpu_dispatch.contract import METADATA_KEYS, SEED_KEYS
@@ -78,16 +78,16 @@ class GpuState:
     model_waiting: int | None = None
     model_running: int | None = None
     kv_cache_used_pct: float | None = None
+    #: Memory other tenants used at the reading, MB: what is used, less our own requests' share.
+    tenant_mb: float = field(init=False, repr=False, compare=False)
+    #: Memory our requests could use with none of them running: total less other tenants', MB.
+    room_mb: float = field(init=False, repr=False, compare=False)
 
-    @property
-    def tenant_mb(self) -> float:
-        """Memory other tenants used at the reading, MB: what is used, less our own requests' share."""
-        return max(0.0, self.memory_used_mb - self.held_mb)
-
-    @property
-    def room_mb(self) -> float:
-        """Memory our requests could use with none of them running: total less other tenants', MB."""
-        return self.memory_total_mb - self.tenant_mb
+    def __post_init__(self) -> None:
+        # Computed once per reading: the memory filter and scorers read them on every decision.
+        tenant = max(0.0, self.memory_used_mb - self.held_mb)
+        object.__setattr__(self, "tenant_mb", tenant)
+        object.__setattr__(self, "room_mb", self.memory_total_mb - tenant)
 
     def age_s(self, now_ms: int) -> float | None:
         """Seconds since the reading at ``now_ms`` (Unix ms); ``None`` when unknown.

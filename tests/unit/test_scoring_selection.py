@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scoring import (PROFILES, BelowMaxConcurrency, Candidate, FreeMemory, Fresh, Healthy, InFlight,
+from scoring import (PROFILES, BelowMaxConcurrency, Candidate, ExpectedWait, FreeMemory, Fresh, Healthy, InFlight,
                      InvalidParameter, MemoryFits, ModelMatches, NoEligibleGpu, PowerOfTwoChoices, Profile,
                      QueueDepth, Request, SeedFormula, Utilisation, WeightedRoulette, choose, explain,
                      get_profile, parse_instance)
@@ -135,6 +135,40 @@ def test_queue_depth_score_halves_at_half_at():
     assert QueueDepth(half_at=3).scores(candidates, REQUEST) == [1.0, 0.5]
 
 
+def test_expected_wait_is_one_where_the_request_starts_at_once():
+    # A free slot, and 40960 MB left by other tenants hold the 8192 MB running and this 4096 MB request.
+    assert ExpectedWait().scores([gpu(8000, running=2, running_mb=8192, max_concurrency=8)], REQUEST) == [1.0]
+
+
+def test_expected_wait_counts_the_requests_ahead_in_rounds_of_the_slots():
+    # 4 running and 4 waiting on 4 slots: with this one, 9 requests fill 9 / 4 rounds; it waits 1.25.
+    full = gpu(8000, running=4, running_mb=4096, queued=4, queued_mb=4096, max_concurrency=4)
+    assert ExpectedWait(half_at=1).scores([full], REQUEST) == [pytest.approx(1 / 2.25)]
+    assert ExpectedWait(half_at=1.25).scores([full], REQUEST) == [pytest.approx(0.5)]
+
+
+def test_expected_wait_counts_a_line_in_rounds_of_what_the_other_tenants_memory_lets_run_at_once():
+    # Two 4096 MB requests waiting, then this one.  Other tenants leave 4096 MB: one at a time, it waits
+    # 2 rounds.  They leave 40960 MB: all three run at once.
+    crowded = gpu(8000, free=4096, queued=2, queued_mb=8192, max_concurrency=8)
+    roomy = gpu(8001, free=40960, queued=2, queued_mb=8192, max_concurrency=8)
+    assert ExpectedWait().scores([crowded, roomy], REQUEST) == [pytest.approx(1 / 3), 1.0]
+
+
+def test_expected_wait_sees_a_request_wait_for_memory_our_running_requests_hold():
+    # A free slot, but 30000 of the 32768 MB other tenants leave are held by one running request of ours.
+    waits = gpu(8000, free=2768, held=30000, running=1, running_mb=30000, max_concurrency=8)
+    assert waits.state.room_mb == 32768
+    assert ExpectedWait().scores([waits], REQUEST) == [0.5]
+    # Once it finished (the ledger says so before the next reading), the request starts at once.
+    finished = gpu(8000, free=2768, held=30000, running=0, running_mb=0, max_concurrency=8)
+    assert ExpectedWait().scores([finished], REQUEST) == [1.0]
+
+
+def test_expected_wait_without_max_concurrency_is_bound_by_memory_alone():
+    assert ExpectedWait().scores([gpu(8000, free=40960, running=30, running_mb=3000)], REQUEST) == [1.0]
+
+
 def test_seed_formula_is_the_articles_score_floored_at_one():
     candidates = [gpu(8000, free=1000, util=40, concurrent=3), gpu(8001, free=0, util=100, concurrent=10)]
     assert SeedFormula().scores(candidates, REQUEST) == [1000 + 60 * 0.3 - 150, 1.0]
@@ -204,6 +238,24 @@ def test_fallbacks_are_the_other_eligible_gpus_best_score_first():
     assert decision.chosen not in decision.fallbacks
 
 
+def test_reasons_for_dropped_candidates_are_worded_only_when_asked_for(monkeypatch):
+    worded = []
+    original = Fresh.why
+
+    def counting(self, candidate, request, now_ms):
+        worded.append(candidate.state.key)
+        return original(self, candidate, request, now_ms)
+
+    monkeypatch.setattr(Fresh, "why", counting)
+    stale, fresh = gpu(8000, age_s=30), gpu(8001)
+    decision = choose([stale, fresh], REQUEST, rng=random.Random(1), now_ms=NOW_MS)
+    assert decision.chosen is fresh and worded == []
+    assert decision.explanation[0].dropped == "reading is 30.0 s old; the limit is 15 s (max_age_s)"
+    assert worded == [stale.state.key]
+    decision.explanation  # noqa: B018 - computed once
+    assert worded == [stale.state.key]
+
+
 def test_explain_reports_without_raising_when_everything_is_dropped():
     assert dropped([gpu(8000, healthy=False)]) == {"10.0.0.1:8000": "unhealthy in the registry"}
 
@@ -264,6 +316,8 @@ def test_seed_profile_filters_on_health_only_so_stale_readings_still_count():
     (lambda: Fresh(max_age_s=float("nan")), "max_age_s"),
     (lambda: InFlight(half_at=-1), "half_at"),
     (lambda: QueueDepth(half_at="1"), "half_at"),
+    (lambda: ExpectedWait(half_at=0), "half_at"),
+    (lambda: ExpectedWait(half_at=float("inf")), "half_at"),
     (lambda: WeightedRoulette(sharpness=0), "sharpness"),
     (lambda: Profile("x", (), (), WeightedRoulette()), "scorers"),
     (lambda: Profile("x", (), ((FreeMemory(), -1.0),), WeightedRoulette()), "scorers"),
