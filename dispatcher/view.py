@@ -22,10 +22,15 @@ from dispatcher.trust import Verdict, vet
 from gpu_dispatch import broker as brokers, ownership
 from gpu_dispatch.ledger import Ledger, Load, ledger_mb
 from gpu_dispatch.registry import Instance, Registry
-from scoring import Candidate, Decision, NoEligibleGpu, Profile, Request, choose, get_profile
+from scoring import Candidate, Decision, NoEligibleGpu, Profile, Request, get_profile
+from scoring.selector import Selector
 
 log = logging.getLogger(__name__)
 
+#: Seconds a selector may decide on before it is built again (readings age; Fresh must see it).
+SELECTOR_MAX_AGE_S = 0.5
+#: Request shapes (model, memory) a view keeps a selector for.
+SELECTORS = 32
 #: Longest wait between two attempts to connect to Nacos, seconds.
 CONNECT_BACKOFF_MAX = 5.0
 
@@ -63,7 +68,9 @@ class RegistryView:
         self._entries: list[Instance] = []
         self._verdicts: list[Verdict] = []
         self._loads: dict[str, Load] = {}
-        self._candidates: list[Candidate] = []
+        self._current: list[Candidate] = []  # the ledger's load at the last pass plus this process's sends since
+        self._positions: dict[str, int] = {}  # queue -> index in _current
+        self._selectors: dict[tuple, Selector] = {}  # (model, memory MB) -> its decisions over _current
         self._local: dict[str, list[tuple[float, int]]] = {}  # queue -> [(time, MB)] sent since the last pass
         self._heard_at: float | None = None  # time.time() of the last list or push from Nacos
         self._started_at = time.time()
@@ -121,23 +128,15 @@ class RegistryView:
     def candidates(self) -> list[Candidate]:
         """Every trusted GPU with its load: the ledger's at the last pass, plus what this process sent since."""
         with self._lock:
-            return self._with_local()
-
-    def _with_local(self) -> list[Candidate]:
-        local = self._local
-        if not local:
-            return list(self._candidates)
-        out = []
-        for c in self._candidates:
-            sent = local.get(c.state.queue)
-            if sent:
-                c = Candidate(c.state, c.queued + len(sent), c.queued_mb + sum(mb for _, mb in sent), c.running,
-                              c.running_mb)
-            out.append(c)
-        return out
+            return list(self._current)
 
     def choose(self, request: Request, task_id: str = "", *, path: str, prefer: str | None = None) -> Decision:
         """Pick the GPU for ``request`` (call :meth:`sent` once it is recorded in the ledger).
+
+        Decided by a :class:`~scoring.selector.Selector` per request shape, kept
+        current as this process sends (only the GPU sent to is evaluated again)
+        and rebuilt at every pass over the broker, or once it is older than
+        :data:`SELECTOR_MAX_AGE_S` (readings age).
 
         :param task_id: the request's task id, for the decision's log line.
         :param path: ``producer``, ``central`` or ``recovery``, for the decision counter.
@@ -145,18 +144,24 @@ class RegistryView:
         :raises NoEligibleGpu: when no GPU can take it; the message lists why.
         """
         now_ms = int(time.time() * 1000)
+        key = (request.model, request.memory_mb)
         with self._lock:
-            candidates = self._with_local()
+            selector = self._selectors.get(key)
+            if selector is None or now_ms - selector.now_ms > SELECTOR_MAX_AGE_S * 1000:
+                if len(self._selectors) >= SELECTORS:
+                    self._selectors.clear()
+                selector = self._selectors[key] = Selector(self._current, request, profile=self.profile,
+                                                           now_ms=now_ms, prefer_slack=self.affinity_slack)
+            empty = not self._current
             excluded = {v.instance: v.reason for v in self._verdicts if v.reason}
-        try:
-            decision = choose(candidates, request, profile=self.profile, rng=self._rng, now_ms=now_ms,
-                              prefer=prefer, prefer_slack=self.affinity_slack)
-        except NoEligibleGpu as exc:
-            if not candidates and excluded:
-                raise NoEligibleGpu(excluded, request.describe()) from exc
-            if not candidates:
-                raise NoEligibleGpu({}, f"{request.describe()}; service {self.service!r}") from exc
-            raise NoEligibleGpu({**exc.reasons, **excluded}, request.describe()) from exc
+            try:
+                decision = selector.choose(self._rng, prefer)
+            except NoEligibleGpu as exc:
+                if empty and excluded:
+                    raise NoEligibleGpu(excluded, request.describe()) from exc
+                if empty:
+                    raise NoEligibleGpu({}, f"{request.describe()}; service {self.service!r}") from exc
+                raise NoEligibleGpu({**exc.reasons, **excluded}, request.describe()) from exc
         chosen = decision.chosen.state
         metrics.DECISIONS.labels(chosen.queue, path).inc()
         if prefer is not None:
@@ -168,8 +173,16 @@ class RegistryView:
 
     def sent(self, queue: str, memory_mb: float) -> None:
         """Count a request this process has just recorded in the ledger for ``queue``, until the next pass."""
+        mb = ledger_mb(memory_mb)
         with self._lock:
-            self._local.setdefault(queue, []).append((time.time(), ledger_mb(memory_mb)))
+            self._local.setdefault(queue, []).append((time.time(), mb))
+            index = self._positions.get(queue)
+            if index is None:
+                return
+            c = self._current[index]
+            c = self._current[index] = Candidate(c.state, c.queued + 1, c.queued_mb + mb, c.running, c.running_mb)
+            for selector in self._selectors.values():
+                selector.replace(index, c)
 
     # -- what status and recovery ask ---------------------------------------------------
 
@@ -228,13 +241,16 @@ class RegistryView:
                                 running_mb=load.running_mb)
                       for v in verdicts if v.state is not None for load in (loads.get(v.state.queue, Load()),)]
         with self._lock:
-            self._verdicts, self._loads, self._candidates = verdicts, loads, candidates
             for queue in list(self._local):
                 kept = [s for s in self._local[queue] if s[0] >= started]  # older sends are in these loads
                 if kept:
                     self._local[queue] = kept
                 else:
                     del self._local[queue]
+            self._verdicts, self._loads = verdicts, loads
+            self._current = [_plus(c, self._local.get(c.state.queue)) for c in candidates]
+            self._positions = {c.state.queue: i for i, c in enumerate(self._current)}
+            self._selectors.clear()
             self._polled_at = time.time()
         self._log_changes(verdicts)
         self._export(verdicts, loads, started)
@@ -318,6 +334,14 @@ class RegistryView:
             metrics.VIEW_AGE.set(now - self._heard_at)
         outage = self.registry_outage_s()
         metrics.REGISTRY_OUTAGE.set(outage or 0.0)
+
+
+def _plus(candidate: Candidate, sent: list[tuple[float, int]] | None) -> Candidate:
+    """``candidate`` with this process's sends since the pass added to what waits there."""
+    if not sent:
+        return candidate
+    return Candidate(candidate.state, candidate.queued + len(sent), candidate.queued_mb + sum(mb for _, mb in sent),
+                     candidate.running, candidate.running_mb)
 
 
 def _rows(decision: Decision) -> str:

@@ -12,6 +12,7 @@ from scoring.errors import InvalidParameter, MalformedMetadata, NoEligibleGpu, S
 from scoring.filters import BelowMaxConcurrency, Filter, Fresh, Healthy, MemoryFits, ModelMatches
 from scoring.pickers import Picker, PowerOfTwoChoices, WeightedRoulette, ranked
 from scoring.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
+from scoring.selector import Selector
 from scoring.scorers import ExpectedWait, FreeMemory, InFlight, QueueDepth, Scorer, SeedFormula, Utilisation
 from scoring.state import GpuState, parse_instance
 
@@ -19,6 +20,6 @@ __all__ = [
     "BelowMaxConcurrency", "Candidate", "CandidateReport", "DEFAULT_PROFILE", "Decision", "ExpectedWait", "Filter",
     "FreeMemory", "Fresh", "GpuState", "Healthy", "InFlight", "InvalidParameter", "MalformedMetadata",
     "MemoryFits", "ModelMatches", "NoEligibleGpu", "PROFILES", "Picker", "PowerOfTwoChoices", "Profile",
-    "QueueDepth", "Request", "ScoringError", "Scorer", "SeedFormula", "Utilisation", "WeightedRoulette",
+    "QueueDepth", "Request", "ScoringError", "Scorer", "Selector", "SeedFormula", "Utilisation", "WeightedRoulette",
     "choose", "explain", "get_profile", "parse_instance", "ranked",
 ]

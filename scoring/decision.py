@@ -11,7 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Callable, Sequence
 
 from scoring.candidates import Candidate, Request
 from scoring.errors import NoEligibleGpu
@@ -50,26 +50,27 @@ class Decision:
     :ivar chosen: the candidate picked.
     """
 
-    def __init__(self, profile: Profile, candidates: tuple[Candidate, ...], eligible: list[Candidate],
-                 scores: list[float], dropped: "_Dropped", index: int) -> None:
+    def __init__(self, profile: Profile, chosen: Candidate,
+                 details: Callable[[], tuple[tuple[Candidate, ...], list[Candidate], list[float], "_Dropped", int]]
+                 ) -> None:
         self.profile = profile
-        self.chosen = eligible[index]
-        self._candidates = candidates
-        self._eligible = eligible
-        self._scores = scores
-        self._dropped = dropped
-        self._index = index
+        self.chosen = chosen
+        #: () -> (candidates, eligible, their scores, who dropped the rest, index of the chosen in eligible):
+        #: the rest of what was decided on, for fallbacks and explanations only.
+        self._details = details
 
     @cached_property
     def fallbacks(self) -> list[Candidate]:
         """The other eligible candidates, best score first (ties by key): where to retry, in order."""
-        keys = [c.state.key for c in self._eligible]
-        return [self._eligible[i] for i in ranked(self._scores, keys, skip=self._index)]
+        _, eligible, scores, _, index = self._details()
+        keys = [c.state.key for c in eligible]
+        return [eligible[i] for i in ranked(scores, keys, skip=index)]
 
     @cached_property
     def explanation(self) -> list[CandidateReport]:
         """One report per candidate, in the order they were given."""
-        return _reports(self._candidates, self._eligible, self._scores, self._dropped, self.profile.picker)
+        candidates, eligible, scores, dropped, _ = self._details()
+        return _reports(candidates, eligible, scores, dropped, self.profile.picker)
 
     def as_rows(self) -> list[dict[str, object]]:
         """The explanation as plain dicts (``key``, ``score``, ``probability``, ``dropped``, ``chosen``)."""
@@ -109,7 +110,7 @@ def choose(candidates: Sequence[Candidate], request: Request, *, profile: Profil
     index = _preferred(eligible, prefer, prefer_slack) if prefer is not None else None
     if index is None:
         index = profile.picker.pick(scores, rng or _RNG)
-    return Decision(profile, candidates, eligible, scores, dropped, index)
+    return Decision(profile, eligible[index], lambda: (candidates, eligible, scores, dropped, index))
 
 
 #: Requests a preferred GPU may hold above the bounded-load rule's ceiling: at the loads of a few
