@@ -15,7 +15,7 @@ import click
 
 import celeryconfig
 from gpu_dispatch.processes import beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
-from gpu_dispatch.servers import ServerError, local_servers
+from gpu_dispatch.servers import ServerError, local_ha_servers, local_servers
 from scoring import PROFILES
 from workers.gpu import TENANT_PROFILES
 
@@ -30,15 +30,34 @@ def servers() -> None:
     """Start, stop and report the local Redis and Nacos servers."""
 
 
+_HA_HELP = ("The highly available topology instead: Redis with Sentinel (a primary, a replica, three sentinels; "
+            "GPU_DISPATCH_BROKER_URL's sentinel:// URL, else the default one).")
+
+
 @servers.command("up")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for each server to answer.")
-def servers_up(timeout: float) -> None:
+@click.option("--ha", is_flag=True, help=_HA_HELP)
+def servers_up(timeout: float, ha: bool) -> None:
     """Start Redis and Nacos on this machine unless they already answer (installs them the first time)."""
     try:
-        for server in local_servers(celeryconfig):
+        for server in (local_ha_servers(celeryconfig) if ha else local_servers(celeryconfig)):
             click.echo(server.start(timeout=timeout))
     except ServerError as exc:
         raise click.ClickException(str(exc)) from None
+    if ha:
+        _ha_client_hint()
+
+
+def _ha_client_hint() -> None:
+    """What clients must be told when the settings do not name the Sentinel set yet."""
+    from gpu_dispatch.servers import ha_redis
+
+    if not celeryconfig.broker_url.startswith("sentinel://"):
+        redis_set = ha_redis(celeryconfig)
+        click.echo("clients reach it with:\n"
+                   f"  export GPU_DISPATCH_BROKER_URL='{celeryconfig.sanitize(redis_set.url(0))}'\n"
+                   f"  export GPU_DISPATCH_RESULT_BACKEND='{celeryconfig.sanitize(redis_set.url(1))}'\n"
+                   f"  export GPU_DISPATCH_SENTINEL_MASTER={redis_set.master_name}")
 
 
 @servers.command("install")
@@ -53,15 +72,25 @@ def servers_install() -> None:
 
 
 @servers.command("down")
-def servers_down() -> None:
+@click.option("--ha", is_flag=True, help="Stop the highly available topology's servers instead.")
+def servers_down(ha: bool) -> None:
     """Stop the servers that `gpu-dispatch servers up` started; others are left alone."""
-    for server in local_servers(celeryconfig):
+    for server in (local_ha_servers(celeryconfig) if ha else local_servers(celeryconfig)):
         click.echo(server.stop())
 
 
 @servers.command("status")
-def servers_status() -> None:
+@click.option("--ha", is_flag=True, help="Report the highly available topology's servers (each member, and "
+                                          "the primary the sentinels name).")
+def servers_status(ha: bool) -> None:
     """Say whether each server answers, and whether gpu-dispatch started it."""
+    if ha:
+        healthy = True
+        for server in local_ha_servers(celeryconfig):
+            for line in server.status_lines():
+                click.echo(line)
+            healthy = server.healthy() and healthy
+        sys.exit(0 if healthy else 1)
     statuses = [server.status() for server in local_servers(celeryconfig)]
     for status in statuses:
         click.echo(status.line())
