@@ -269,6 +269,10 @@ broker_transport_options = {
     **({"master_name": sentinel_master} if sentinel_master else {}),
 }
 result_backend_transport_options = {"master_name": sentinel_master} if sentinel_master else {}
+#: Celery's Redis result backends with a fence: a GPU worker that lost its claim on an outcome while
+#: cut off does not store it over the re-dispatched answer (gpu_dispatch/results.py).
+override_backends = {"redis": "gpu_dispatch.results:RedisBackend", "rediss": "gpu_dispatch.results:RedisBackend",
+                     "sentinel": "gpu_dispatch.results:SentinelBackend"}
 
 # refresh_gpu_metadata to every GPU worker, through a fan-out exchange.  The producer
 # (beat) must declare the exchange itself: on Redis, a message published to a fan-out

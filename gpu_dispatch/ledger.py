@@ -314,6 +314,11 @@ class Ledger:
         """Claim the one outcome of ``task_id``: ``ok`` (store it), ``answered`` (someone did), ``untracked``."""
         return self._finish(args=[PREFIX, task_id, claimant, now_ms()]).decode()
 
+    def claimed_by(self, task_id: str, claimant: str) -> bool:
+        """Whether ``claimant`` still holds the claim on the outcome of ``task_id`` (not settled, not taken)."""
+        state, by = self.client.hmget(PREFIX + "req:" + task_id, ["st", "by"])
+        return state == b"finishing" and by == claimant.encode()
+
     def settle(self, task_id: str, claimant: str, outcome: str) -> bool:
         """Mark a claimed outcome as stored; the record is kept :attr:`keep_s` seconds more."""
         return bool(self._settle(args=[PREFIX, task_id, claimant, self.keep_s, outcome]))

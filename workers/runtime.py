@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 import redis
+from celery import states
 from celery.exceptions import Ignore
 
-from gpu_dispatch import broker, contract
+from gpu_dispatch import broker, contract, results
 from gpu_dispatch.ledger import Ledger, ledger_mb
 from gpu_dispatch.ownership import Ownership, QueueTaken, instance_id
 from gpu_dispatch.registry import Registry
@@ -101,6 +102,8 @@ class GpuWorker:
         self._lease_thread: threading.Thread | None = None
         #: Called (once) when a newer incarnation of this worker has taken its queue over.
         self.on_fenced: Callable[[str], None] | None = None
+        #: Outcomes this worker has claimed and not yet settled: task id -> the lease's lapse count then.
+        self._claims: dict[str, int] = {}
         self._to_settle: list[tuple[str, str]] = []
         self._settle_lock = threading.Lock()
         self._settle_due = threading.Event()
@@ -354,7 +357,11 @@ class GpuWorker:
     def _claim_outcome(self, task_id: str, tracked: bool) -> None:
         if not tracked:
             return
+        lapses = self.ownership.lapses
         verdict = self._broker(lambda: self.ledger.finish(task_id, self.incarnation), f"finish {task_id}")
+        if verdict == "ok":
+            with self._settle_lock:
+                self._claims[task_id] = lapses
         if verdict == "answered":
             log.warning("task %s: another delivery of it has already answered (it was re-dispatched while this "
                         "one ran); this outcome is discarded", task_id)
@@ -369,7 +376,24 @@ class GpuWorker:
         """
         with self._settle_lock:
             self._to_settle.append((task_id, state))
+            self._claims.pop(task_id, None)
         self._settle_due.set()
+
+    def may_store(self, task_id: str, state: str) -> bool:
+        """Whether Celery may store this outcome now (asked before each try: :mod:`gpu_dispatch.results`).
+
+        Yes for anything but an outcome this worker claimed; for a claimed one, yes while the lease has held
+        without a lapse since the claim (no one could have taken it), else only if the ledger says the claim
+        is still this worker's — a worker cut off after claiming finds its request re-dispatched and
+        answered elsewhere, and stores nothing over that answer.
+        """
+        if state not in states.READY_STATES:
+            return True
+        with self._settle_lock:
+            lapses = self._claims.get(task_id)
+        if lapses is None or self.ownership.live_since(lapses):
+            return True
+        return self._broker(lambda: self.ledger.claimed_by(task_id, self.incarnation), f"check claim {task_id}")
 
     def _settle_batches(self) -> None:
         while True:
@@ -415,6 +439,7 @@ def _skip_reason(verdict: str, detail: str) -> str:
 
 
 def install(worker: GpuWorker | None) -> None:
-    """Make ``worker`` this process's GPU worker (the bootstep calls this)."""
+    """Make ``worker`` this process's GPU worker (the bootstep calls this), and its fence the result store's."""
     global _current
     _current = worker
+    results.install_fence(worker.may_store if worker is not None else None)
