@@ -67,12 +67,21 @@ def hand_on(view: views.RegistryView, task_id: str, prompt: str, options: dict[s
     queue = decision.chosen.state.queue
     message = {"args": [prompt], "kwargs": options, "parent_id": parent_id, "root_id": root_id}
 
+    replicas = app.conf.replica_wait
+
     def record() -> bool:
         with view.ledger.client.pipeline(transaction=False) as pipe:
             view.ledger.dispatch(task_id, queue, request.memory_mb, message, path, pipe=pipe)
             if affinity:
                 pipe.set(affinity, queue, ex=app.conf.affinity_ttl)
-            return bool(pipe.execute()[0])
+            if replicas:  # the record on a replica before the request counts as accepted (a failover keeps it)
+                view.ledger.replicate(pipe, replicas, app.conf.replica_wait_ms)
+            answers = pipe.execute()
+        if replicas and answers[-1] < replicas:
+            log.warning("task %s: its ledger record reached %d of %d replicas within %d ms "
+                        "(GPU_DISPATCH_REPLICA_WAIT); accepted anyway: a failover now could lose it",
+                        task_id, answers[-1], replicas, app.conf.replica_wait_ms)
+        return bool(answers[0])
 
     if not _wait_out_outage(record):
         log.warning("task %s is already in the ledger: handed on before (by a dispatcher that died before "

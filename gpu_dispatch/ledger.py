@@ -288,6 +288,15 @@ class Ledger:
             return None
         return bool(self._dispatch(args=args))
 
+    @staticmethod
+    def replicate(pipe: redis.client.Pipeline, replicas: int, timeout_ms: int) -> None:
+        """Queue a write and a ``WAIT`` on ``pipe``: the ``WAIT``'s reply, with ``execute()``, is how many
+        replicas have everything the primary had executed when the write ran — on any connection.  (The
+        write is needed: ``WAIT`` counts up to its own connection's last write, and a script that changed
+        nothing writes nothing.)"""
+        pipe.set(PREFIX + "replicated", now_ms(), px=60_000)
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+
     def loads(self, queues: list[str]) -> dict[str, Load]:
         """Each queue's :class:`Load`, in one round trip."""
         with self.client.pipeline(transaction=False) as pipe:
@@ -357,12 +366,17 @@ class Ledger:
         """Ids of the requests whose outcome was claimed before ``before_ms`` and is not settled yet."""
         return [m.decode() for m in self.client.zrangebyscore(PREFIX + "finishing", "-inf", before_ms)]
 
-    def settle_many(self, outcomes: list[tuple[str, str]], claimant: str) -> None:
-        """:meth:`settle` for many ``(task_id, outcome)`` pairs, in one round trip."""
+    def settle_many(self, outcomes: list[tuple[str, str]], claimant: str, replicas: int = 0,
+                    timeout_ms: int = 0) -> int:
+        """:meth:`settle` for many ``(task_id, outcome)`` pairs, in one round trip; with ``replicas``, followed by
+        a ``WAIT`` for that many (:meth:`replicate`), whose answer is returned (else 0)."""
         with self.client.pipeline(transaction=False) as pipe:
             for task_id, outcome in outcomes:
                 self._settle(args=[PREFIX, task_id, claimant, self.keep_s, outcome], client=pipe)
-            pipe.execute()
+            if replicas:
+                self.replicate(pipe, replicas, timeout_ms)
+            answers = pipe.execute()
+        return int(answers[-1]) if replicas else 0
 
     def settle_stored(self, task_id: str, outcome: str) -> bool:
         """Settle a claimed outcome found stored, whoever claimed it (its claimant died before settling)."""

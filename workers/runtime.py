@@ -104,6 +104,9 @@ class GpuWorker:
         self.on_fenced: Callable[[str], None] | None = None
         #: Outcomes this worker has claimed and not yet settled: task id -> the lease's lapse count then.
         self._claims: dict[str, int] = {}
+        #: With GPU_DISPATCH_REPLICA_WAIT: outcomes stored but not yet known to be on a replica (task id ->
+        #: (return value, traceback)), to store again should a failover lose them.
+        self._unreplicated: dict[str, tuple[Any, str | None]] = {}
         self._to_settle: list[tuple[str, str]] = []
         self._settle_lock = threading.Lock()
         self._settle_due = threading.Event()
@@ -367,7 +370,7 @@ class GpuWorker:
                         "one ran); this outcome is discarded", task_id)
             raise Skipped("answered")
 
-    def settled(self, task_id: str, state: str) -> None:
+    def settled(self, task_id: str, state: str, retval: Any = None, traceback: str | None = None) -> None:
         """The outcome of ``task_id`` is stored: close its ledger record (batched, off the request's path).
 
         Settling late is safe: until then the record says its outcome is being
@@ -376,7 +379,9 @@ class GpuWorker:
         """
         with self._settle_lock:
             self._to_settle.append((task_id, state))
-            self._claims.pop(task_id, None)
+            claimed = self._claims.pop(task_id, None) is not None
+            if claimed and self.conf.replica_wait:  # kept until a replica has it (see _settle_replicated)
+                self._unreplicated[task_id] = (retval, traceback)
         self._settle_due.set()
 
     def may_store(self, task_id: str, state: str) -> bool:
@@ -405,11 +410,58 @@ class GpuWorker:
                 batch, self._to_settle = self._to_settle, []
             if batch:
                 try:
-                    self._broker(lambda: self.ledger.settle_many(batch, self.incarnation), "settle outcomes")
+                    if self.conf.replica_wait:
+                        self._settle_replicated(batch)
+                    else:
+                        self._broker(lambda: self.ledger.settle_many(batch, self.incarnation), "settle outcomes")
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("ledger: %d outcomes not settled (%s); recovery settles them", len(batch), exc)
             if self._stop.is_set():
                 return
+
+    def _settle_replicated(self, batch: list[tuple[str, str]]) -> None:
+        """Settle ``batch`` and ``WAIT`` for a replica to have it: the stored outcomes come before the settle
+        in the primary's stream, so one WAIT covers both.  Short of that (the primary died, or the replica
+        lags), each outcome is checked on the primary there is now and stored again if a failover lost it."""
+        wanted, timeout_ms = self.conf.replica_wait, self.conf.replica_wait_ms
+        try:
+            replicas = self.ledger.settle_many(batch, self.incarnation, replicas=wanted, timeout_ms=timeout_ms)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("ledger: settling %d outcomes failed (%s); checking they survived", len(batch), exc)
+            replicas = -1
+        if replicas < wanted:
+            for task_id, state in batch:
+                self._broker(lambda: self._restore(task_id, state), f"check the outcome of {task_id}")
+            replicas = self._broker(lambda: self.ledger.settle_many([], self.incarnation, replicas=wanted,
+                                                                    timeout_ms=timeout_ms), "wait for a replica")
+            if replicas < wanted:
+                log.warning("ledger: %d outcomes on %d of %d replicas within %d ms (GPU_DISPATCH_REPLICA_WAIT)",
+                            len(batch), replicas, wanted, timeout_ms)
+        with self._settle_lock:
+            for task_id, _state in batch:
+                self._unreplicated.pop(task_id, None)
+
+    def _restore(self, task_id: str, state: str) -> None:
+        """Store the outcome of ``task_id`` again if the primary (after a failover) lacks it, and settle it;
+        unless another delivery has answered it meanwhile."""
+        from gpu_dispatch.celery import app
+
+        with self._settle_lock:
+            kept = self._unreplicated.get(task_id)
+        if kept is None:
+            return
+        if app.backend.get_task_meta(task_id, cache=False).get("status") in states.READY_STATES:
+            self.ledger.settle(task_id, self.incarnation, state)
+            return
+        mine = self.ledger.claimed_by(task_id, self.incarnation) \
+            or self.ledger.finish(task_id, self.incarnation) in ("ok", "untracked")
+        if not mine:
+            log.warning("task %s: its outcome was lost in a failover, and another delivery has answered it", task_id)
+            return
+        retval, traceback = kept
+        app.backend.store_result(task_id, retval, state, traceback=traceback)
+        self.ledger.settle(task_id, self.incarnation, state)
+        log.warning("task %s: its outcome was lost in a failover; stored again", task_id)
 
     def _broker(self, call: Callable[[], T], what: str) -> T:
         """``call()``, retried while the broker is unreachable, for at most ``GPU_DISPATCH_BROKER_OUTAGE``."""
