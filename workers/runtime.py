@@ -444,13 +444,12 @@ class GpuWorker:
     def _restore(self, task_id: str, state: str) -> None:
         """Store the outcome of ``task_id`` again if the primary (after a failover) lacks it, and settle it;
         unless another delivery has answered it meanwhile."""
-        from gpu_dispatch.celery import app
-
+        backend = self.result_backend()
         with self._settle_lock:
             kept = self._unreplicated.get(task_id)
         if kept is None:
             return
-        if app.backend.get_task_meta(task_id, cache=False).get("status") in states.READY_STATES:
+        if backend.get_task_meta(task_id, cache=False).get("status") in states.READY_STATES:
             self.ledger.settle(task_id, self.incarnation, state)
             return
         mine = self.ledger.claimed_by(task_id, self.incarnation) \
@@ -459,9 +458,16 @@ class GpuWorker:
             log.warning("task %s: its outcome was lost in a failover, and another delivery has answered it", task_id)
             return
         retval, traceback = kept
-        app.backend.store_result(task_id, retval, state, traceback=traceback)
+        backend.store_result(task_id, retval, state, traceback=traceback)
         self.ledger.settle(task_id, self.incarnation, state)
         log.warning("task %s: its outcome was lost in a failover; stored again", task_id)
+
+    @staticmethod
+    def result_backend() -> Any:
+        """Celery's result backend (this thread's)."""
+        from gpu_dispatch.celery import app
+
+        return app.backend
 
     def _broker(self, call: Callable[[], T], what: str) -> T:
         """``call()``, retried while the broker is unreachable, for at most ``GPU_DISPATCH_BROKER_OUTAGE``."""

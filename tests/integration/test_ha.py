@@ -5,7 +5,8 @@ Each test is the short form of a fault of ``bench/faults.py --ha`` (a bounded lo
 request counted), run as that program against the servers this module starts, under a deadline:
 
 - the Redis primary killed (kill -9) mid-load: Sentinel fails over, nothing accepted is lost, no worker
-  exits (``docs/reliability.md`` says what a failover could lose and which setting closes it);
+  exits — with asynchronous replication, and with GPU_DISPATCH_REPLICA_WAIT=1 (``docs/reliability.md``
+  says what a failover could lose without it);
 - one host's link cut mid-load: every request that was waiting or running there is answered by
   another GPU as a later attempt (its worker's lease ran out and recovery re-dispatched it), none lost.
 
@@ -77,14 +78,14 @@ def clean_broker():
     """Nothing to empty: each fault's run starts its own workers on its own Nacos service."""
 
 
-def run_fault(topology: dict, fault: str) -> dict:
+def run_fault(topology: dict, fault: str, env: dict[str, str] | None = None) -> dict:
     """``python -m bench.faults --ha --short --only FAULT`` against this module's servers; its row."""
     out = LOG_DIR / f"ha-{fault}.json"
     log = LOG_DIR / f"ha-{fault}.log"
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     env = {**os.environ, **topology["env"], "GPU_DISPATCH_NACOS_SERVICE": f"gpu-inference-test-ha-{fault}",
-           "GPU_DISPATCH_FAULTS_LOGS": str(LOG_DIR / f"ha-{fault}"), "PYTHONUNBUFFERED": "1"}
+           "GPU_DISPATCH_FAULTS_LOGS": str(LOG_DIR / f"ha-{fault}"), "PYTHONUNBUFFERED": "1", **(env or {})}
     begun = time.monotonic()
     with open(log, "wb") as output:
         try:
@@ -104,10 +105,11 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def test_kill_9_of_the_redis_primary_mid_load_fails_over_and_loses_nothing(servers):
+@pytest.mark.parametrize("replica_wait", ["0", "1"], ids=["async-replication", "replica-wait"])
+def test_kill_9_of_the_redis_primary_mid_load_fails_over_and_loses_nothing(servers, replica_wait):
     redis_set: RedisSentinelSet = servers["redis"]
     before = redis_set.primary()
-    row = run_fault(servers, "sentinel-failover")
+    row = run_fault(servers, "sentinel-failover", {"GPU_DISPATCH_REPLICA_WAIT": replica_wait})
     assert not row["skipped"], row["skipped"]
     assert row["sent"] > 100, "the load did not run"
     assert row["answered"] + sum(row["errors"].values()) + row["lost"] == row["sent"] - row["refused"]
@@ -116,6 +118,8 @@ def test_kill_9_of_the_redis_primary_mid_load_fails_over_and_loses_nothing(serve
     assert not row["errors"].get("NoGpuAvailable"), row["errors"]
     assert row["refused"] == 0, "a failover of a few seconds is waited out at delay()"
     assert row["details"]["failover_s"] < 15
+    # Consumers reconnect within a second or two of the new primary (gpu_dispatch/consumer.py).
+    assert row["recovery_s"] < row["details"]["failover_s"] + 8, row
     # It did fail over, and the old primary is back as the replica.
     assert redis_set.primary() != before
     assert redis_set.node_at(before).role() == "slave"

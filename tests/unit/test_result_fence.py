@@ -119,3 +119,53 @@ def test_the_backends_store_only_what_the_fence_lets_through():
         results.install_fence(None)
     assert stored == ["ours", "taken"]
     assert issubclass(results.SentinelBackend, results._Fenced) and issubclass(results.RedisBackend, results._Fenced)
+
+
+class ReplayLedger:
+    """A ledger whose first settle dies with the primary, and whose new primary has lost the outcome."""
+
+    def __init__(self, claim: str) -> None:
+        self.claim, self.calls = claim, []
+
+    def settle_many(self, batch, claimant, replicas=0, timeout_ms=0):
+        self.calls.append(("settle_many", [t for t, _ in batch]))
+        if len(self.calls) == 1:
+            import redis
+            raise redis.ConnectionError("the primary died")
+        return 1
+
+    def claimed_by(self, task_id, claimant):
+        return self.claim == "finishing"
+
+    def finish(self, task_id, claimant):
+        self.calls.append(("finish", task_id))
+        return "ok" if self.claim == "running" else "answered"
+
+    def settle(self, task_id, claimant, state):
+        self.calls.append(("settle", task_id))
+
+
+class LostBackend:
+    def __init__(self) -> None:
+        self.stored = []
+
+    def get_task_meta(self, task_id, cache=True):
+        return {"status": "PENDING"}
+
+    def store_result(self, task_id, result, state, traceback=None):
+        self.stored.append((task_id, result, state))
+
+
+@pytest.mark.parametrize("claim, stored_again", [("finishing", True), ("running", True), ("answered", False)])
+def test_with_replica_wait_an_outcome_a_failover_lost_is_stored_again_unless_answered_elsewhere(claim, stored_again):
+    class Conf:
+        replica_wait, replica_wait_ms = 1, 100
+
+    ledger, backend = ReplayLedger(claim), LostBackend()
+    gpu = worker(owner(), ledger)
+    gpu.conf, gpu._unreplicated = Conf(), {"t": ({"text": "hi"}, None)}
+    gpu.result_backend = lambda: backend
+    gpu._settle_replicated([("t", "SUCCESS")])
+    assert backend.stored == ([("t", {"text": "hi"}, "SUCCESS")] if stored_again else [])
+    assert (("settle", "t") in ledger.calls) is stored_again
+    assert gpu._unreplicated == {}
