@@ -479,7 +479,7 @@ def main() -> None:
     from dispatcher import view as views
     from gpu_dispatch.celery import app
 
-    log_dir = Path(celeryconfig.home) / "faults-logs"
+    log_dir = Path(os.environ.get("GPU_DISPATCH_FAULTS_LOGS") or Path(celeryconfig.home) / "faults-logs")
     for old in log_dir.glob("*.log"):
         old.unlink()
     rows = []
