@@ -467,6 +467,9 @@ def main() -> None:
                              "(network namespaces) where permitted; runs its faults unless --only says")
     parser.add_argument("--json", type=Path, help="also write the rows, with each fault's details, here")
     options = parser.parse_args()
+    # SIGTERM (a test's deadline, Ctrl-C's cousin) ends the run through its finally: workers stopped,
+    # servers it started stopped, the hosts it created removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if options.ha and not HA:
         sys.exit("--ha is read before the settings: run this module as a program (python -m bench.faults --ha)")
     before_s, after_s = (5.0, 10.0) if options.short else (15.0, 30.0)

@@ -80,22 +80,29 @@ def clean_broker():
 
 def run_fault(topology: dict, fault: str, env: dict[str, str] | None = None) -> dict:
     """``python -m bench.faults --ha --short --only FAULT`` against this module's servers; its row."""
-    out = LOG_DIR / f"ha-{fault}.json"
-    log = LOG_DIR / f"ha-{fault}.log"
+    name = f"ha-{fault}" + "".join(f"-{k.removeprefix('GPU_DISPATCH_').lower()}{v}"
+                                   for k, v in (env or {}).items())
+    out, log = LOG_DIR / f"{name}.json", LOG_DIR / f"{name}.log"
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     env = {**os.environ, **topology["env"], "GPU_DISPATCH_NACOS_SERVICE": f"gpu-inference-test-ha-{fault}",
-           "GPU_DISPATCH_FAULTS_LOGS": str(LOG_DIR / f"ha-{fault}"), "PYTHONUNBUFFERED": "1", **(env or {})}
+           "GPU_DISPATCH_FAULTS_LOGS": str(LOG_DIR / name), "PYTHONUNBUFFERED": "1", **(env or {})}
     begun = time.monotonic()
     with open(log, "wb") as output:
+        bench = subprocess.Popen([PYTHON, "-m", "bench.faults", "--ha", "--short", "--only", fault, "--json", str(out)],
+                                 cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
         try:
-            done = subprocess.run([PYTHON, "-m", "bench.faults", "--ha", "--short", "--only", fault, "--json", str(out)],
-                                  cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                  timeout=FAULT_DEADLINE_S)
+            bench.wait(FAULT_DEADLINE_S)
         except subprocess.TimeoutExpired:
+            bench.terminate()  # it stops its workers on SIGTERM
+            try:
+                bench.wait(60)
+            except subprocess.TimeoutExpired:
+                bench.kill()
+                bench.wait()
             pytest.fail(f"{fault} did not finish within {FAULT_DEADLINE_S} s:\n{_tail(log)}")
     took = time.monotonic() - begun
-    assert out.exists(), f"{fault} wrote no row (exit status {done.returncode}):\n{_tail(log)}"
+    assert out.exists(), f"{fault} wrote no row (exit status {bench.returncode}):\n{_tail(log)}"
     (row,) = json.loads(out.read_text())
     print(f"\n{fault} in {took:.0f} s: {row}")
     return row
