@@ -126,6 +126,14 @@ sentinel_master = _declare(
 if (broker_url.startswith("sentinel://") or result_backend.startswith("sentinel://")) and not sentinel_master:
     raise SettingError("a sentinel:// URL (GPU_DISPATCH_BROKER_URL / GPU_DISPATCH_RESULT_BACKEND) needs the name of "
                        "the primary Sentinel watches: set GPU_DISPATCH_SENTINEL_MASTER, e.g. mymaster")
+replica_wait = _declare(
+    "GPU_DISPATCH_REPLICA_WAIT", 0, "replicas",
+    "with Redis replication (Sentinel): a request is accepted only once its ledger record has reached this "
+    "many replicas (WAIT), so a failover cannot lose it; 0 turns it off (docs/reliability.md)", _non_negative_int)
+replica_wait_ms = _declare(
+    "GPU_DISPATCH_REPLICA_WAIT_MS", 200, "milliseconds",
+    "longest wait for GPU_DISPATCH_REPLICA_WAIT replicas; a request is then accepted anyway, with a warning "
+    "(a replica that is down costs every request this long)", _positive(int))
 result_expires = _declare(
     "GPU_DISPATCH_RESULT_EXPIRES", 3600, "seconds",
     "how long a result stays in the backend for its AsyncResult to read", _positive(int))
@@ -275,6 +283,10 @@ broker_transport_options = {
     **({"master_name": sentinel_master} if sentinel_master else {}),
 }
 result_backend_transport_options = {"master_name": sentinel_master} if sentinel_master else {}
+#: Celery's Redis result backends with a fence: a GPU worker that lost its claim on an outcome while
+#: cut off does not store it over the re-dispatched answer (gpu_dispatch/results.py).
+override_backends = {"redis": "gpu_dispatch.results:RedisBackend", "rediss": "gpu_dispatch.results:RedisBackend",
+                     "sentinel": "gpu_dispatch.results:SentinelBackend"}
 
 # refresh_gpu_metadata to every GPU worker, through a fan-out exchange.  The producer
 # (beat) must declare the exchange itself: on Redis, a message published to a fan-out

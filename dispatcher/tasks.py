@@ -54,8 +54,20 @@ def hand_on(view: views.RegistryView, task_id: str, prompt: str, options: dict[s
     message = {"args": [prompt], "kwargs": options, "parent_id": parent_id, "root_id": root_id}
 
     remember = (affinity, app.conf.affinity_ttl) if affinity else None
-    if not _wait_out_outage(lambda: view.ledger.dispatch(task_id, queue, request.memory_mb, message, path,
-                                                         affinity=remember)):
+    replicas = app.conf.replica_wait
+
+    def record() -> bool:
+        if not replicas:
+            return view.ledger.dispatch(task_id, queue, request.memory_mb, message, path, affinity=remember)
+        recorded, reached = view.ledger.dispatch_replicated(task_id, queue, request.memory_mb, message, path,
+                                                            remember, replicas, app.conf.replica_wait_ms)
+        if reached < replicas:  # the record on a replica before the request counts as accepted
+            log.warning("task %s: its ledger record reached %d of %d replicas within %d ms "
+                        "(GPU_DISPATCH_REPLICA_WAIT); accepted anyway: a failover now could lose it",
+                        task_id, reached, replicas, app.conf.replica_wait_ms)
+        return recorded
+
+    if not _wait_out_outage(record):
         log.warning("task %s is already in the ledger: handed on before (by a dispatcher that died before "
                     "acknowledging); not sent again", task_id)
         return None

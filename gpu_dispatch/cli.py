@@ -17,7 +17,7 @@ import celeryconfig
 from gpu_dispatch.celery import app
 from gpu_dispatch.contract import SIMULATED_TENANTS
 from gpu_dispatch.processes import DISPATCHER_ENV, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
-from gpu_dispatch.servers import ServerError, local_servers
+from gpu_dispatch.servers import ServerError, local_ha_servers, local_servers
 from scoring import PROFILES
 
 #: The settings (celeryconfig.py), as every part of gpu-dispatch reads them.
@@ -35,13 +35,15 @@ def servers() -> None:
 
 
 _HA = click.option("--ha", is_flag=True,
-                   help="Nacos as a 3-node cluster on this machine (the three addresses of GPU_DISPATCH_NACOS_SERVER, "
-                        "or its one port and the next two 20 apart) instead of one standalone server.")
+                   help="The highly available topology instead: Redis with Sentinel (a primary, a replica, three "
+                        "sentinels; GPU_DISPATCH_BROKER_URL's sentinel:// URL, else the default one) and Nacos as a "
+                        "3-node cluster (the three addresses of GPU_DISPATCH_NACOS_SERVER, or its one port and the "
+                        "next two 20 apart).")
 
 
 def _local_servers(ha: bool):
     try:
-        return local_servers(conf, ha=ha)
+        return local_ha_servers(conf) if ha else local_servers(conf)
     except ServerError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -60,6 +62,20 @@ def servers_up(timeout: float, ha: bool) -> None:
             click.echo(server.start(timeout=timeout))
     except ServerError as exc:
         raise click.ClickException(str(exc)) from None
+    if ha:
+        _ha_client_hint()
+
+
+def _ha_client_hint() -> None:
+    """What clients must be told when the settings do not name the Sentinel set yet."""
+    from gpu_dispatch.servers import ha_redis
+
+    if not celeryconfig.broker_url.startswith("sentinel://"):
+        redis_set = ha_redis(celeryconfig)
+        click.echo("clients reach it with:\n"
+                   f"  export GPU_DISPATCH_BROKER_URL='{celeryconfig.sanitize(redis_set.url(0))}'\n"
+                   f"  export GPU_DISPATCH_RESULT_BACKEND='{celeryconfig.sanitize(redis_set.url(1))}'\n"
+                   f"  export GPU_DISPATCH_SENTINEL_MASTER={redis_set.master_name}")
 
 
 @servers.command("install")

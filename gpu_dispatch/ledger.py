@@ -277,15 +277,39 @@ class Ledger:
 
     def dispatch(self, task_id: str, queue: str, memory_mb: float, message: Mapping[str, Any], path: str,
                  affinity: tuple[str, int] | None = None) -> bool:
-        """Record that ``task_id`` is sent to ``queue`` (attempt 1); ``False`` when it is already known.
+        """Record that ``task_id`` is sent to ``queue`` (attempt 1); ``False`` when the id is already known.
 
         ``message`` is what re-dispatching needs: ``args``, ``kwargs`` and the
         ids of its parent and root.  ``affinity`` — a key and a TTL in seconds —
         remembers, in the same round trip, that ``queue`` served that prefix.
+        One ``EVALSHA``.
         """
-        args = [PREFIX, task_id, queue, ledger_mb(memory_mb), now_ms(),
-                json.dumps(message, separators=(",", ":")), path, *(affinity or ())]
-        return bool(self._dispatch(args=args))
+        return bool(self._dispatch(args=self._dispatch_args(task_id, queue, memory_mb, message, path, affinity)))
+
+    def dispatch_replicated(self, task_id: str, queue: str, memory_mb: float, message: Mapping[str, Any],
+                            path: str, affinity: tuple[str, int] | None, replicas: int,
+                            timeout_ms: int) -> tuple[bool, int]:
+        """:meth:`dispatch`, then wait up to ``timeout_ms`` for ``replicas`` replicas to have the record
+        (:meth:`replicate`), in one round trip: ``(recorded, replicas reached)``."""
+        with self.client.pipeline(transaction=False) as pipe:
+            self._dispatch(args=self._dispatch_args(task_id, queue, memory_mb, message, path, affinity), client=pipe)
+            self.replicate(pipe, replicas, timeout_ms)
+            answers = pipe.execute()
+        return bool(answers[0]), int(answers[-1])
+
+    @staticmethod
+    def _dispatch_args(task_id, queue, memory_mb, message, path, affinity) -> list:
+        return [PREFIX, task_id, queue, ledger_mb(memory_mb), now_ms(), json.dumps(message, separators=(",", ":")),
+                path, *(affinity or ())]
+
+    @staticmethod
+    def replicate(pipe: redis.client.Pipeline, replicas: int, timeout_ms: int) -> None:
+        """Queue a write and a ``WAIT`` on ``pipe``: the ``WAIT``'s reply, with ``execute()``, is how many
+        replicas have everything the primary had executed when the write ran — on any connection.  (The
+        write is needed: ``WAIT`` counts up to its own connection's last write, and a script that changed
+        nothing writes nothing.)"""
+        pipe.set(PREFIX + "replicated", now_ms(), px=60_000)
+        pipe.execute_command("WAIT", replicas, timeout_ms)
 
     def loads(self, queues: list[str]) -> dict[str, Load]:
         """Each queue's :class:`Load`, in one round trip."""
@@ -312,6 +336,11 @@ class Ledger:
     def finish(self, task_id: str, claimant: str) -> str:
         """Claim the one outcome of ``task_id``: ``ok`` (store it), ``answered`` (someone did), ``untracked``."""
         return self._finish(args=[PREFIX, task_id, claimant, now_ms()]).decode()
+
+    def claimed_by(self, task_id: str, claimant: str) -> bool:
+        """Whether ``claimant`` still holds the claim on the outcome of ``task_id`` (not settled, not taken)."""
+        state, by = self.client.hmget(PREFIX + "req:" + task_id, ["st", "by"])
+        return state == b"finishing" and by == claimant.encode()
 
     def settle(self, task_id: str, claimant: str, outcome: str) -> bool:
         """Mark a claimed outcome as stored; the record is kept :attr:`keep_s` seconds more."""
@@ -351,12 +380,17 @@ class Ledger:
         """Ids of the requests whose outcome was claimed before ``before_ms`` and is not settled yet."""
         return [m.decode() for m in self.client.zrangebyscore(PREFIX + "finishing", "-inf", before_ms)]
 
-    def settle_many(self, outcomes: list[tuple[str, str]], claimant: str) -> None:
-        """:meth:`settle` for many ``(task_id, outcome)`` pairs, in one round trip."""
+    def settle_many(self, outcomes: list[tuple[str, str]], claimant: str, replicas: int = 0,
+                    timeout_ms: int = 0) -> int:
+        """:meth:`settle` for many ``(task_id, outcome)`` pairs, in one round trip; with ``replicas``, followed by
+        a ``WAIT`` for that many (:meth:`replicate`), whose answer is returned (else 0)."""
         with self.client.pipeline(transaction=False) as pipe:
             for task_id, outcome in outcomes:
                 self._settle(args=[PREFIX, task_id, claimant, self.keep_s, outcome], client=pipe)
-            pipe.execute()
+            if replicas:
+                self.replicate(pipe, replicas, timeout_ms)
+            answers = pipe.execute()
+        return int(answers[-1]) if replicas else 0
 
     def settle_stored(self, task_id: str, outcome: str) -> bool:
         """Settle a claimed outcome found stored, whoever claimed it (its claimant died before settling)."""

@@ -107,6 +107,11 @@ class Claim:
                           separators=(",", ":"))
 
 
+#: A lease counts as possibly run out once this fraction of its TTL has passed since a renewal was sent
+#: (the margin covers the time a command takes to reach Redis).
+LAPSE_FRACTION = 0.9
+
+
 class QueueTaken(RuntimeError):
     """Another live gpu-dispatch worker, under another node name, already consumes this GPU's queue."""
 
@@ -132,6 +137,10 @@ class Ownership:
         self.ttl_ms = int(ttl_s * 1000)
         self.started_ms = int(time.time() * 1000)
         self.leaving = False
+        #: Times the lease may have run out between two renewals (a gap near its TTL or longer).
+        self.lapses = 0
+        #: ``time.monotonic()`` when the last successful renewal was sent (``None``: none yet).
+        self.renewed_sent: float | None = None
         self._metadata: dict[str, str] = {}
         self._digests: tuple[str, ...] = ()
         self._renew = client.register_script(_RENEW)
@@ -156,6 +165,7 @@ class Ownership:
         lease = json.dumps({"node": self.node, "queue": self.queue, "instance": self.instance,
                             "started": self.started_ms})
         claim = Claim(self.incarnation, self.node, self.queue, self.instance, self._metadata, self._digests)
+        sent = time.monotonic()
         verdict, detail = self._renew(args=[PREFIX, self.incarnation, self.queue, self.instance, self.ttl_ms,
                                             lease, claim.dumps(), self.node, self.started_ms,
                                             "1" if self.leaving else "0"])
@@ -163,7 +173,15 @@ class Ownership:
             raise QueueTaken(f"queue {self.queue} is consumed by another live gpu-dispatch worker (incarnation "
                              f"{detail.decode()}) under another node name; each GPU has one worker: stop the "
                              "other one, or give this one another --gpu or GPU_DISPATCH_WORKER_IP")
+        if self.renewed_sent is not None and time.monotonic() - self.renewed_sent >= self.ttl_ms / 1000 * LAPSE_FRACTION:
+            self.lapses += 1  # the lease may have run out in between: claims may have been taken over
+        self.renewed_sent = sent
         return detail.decode()
+
+    def live_since(self, lapses: int) -> bool:
+        """Whether the lease has certainly held without a lapse since :attr:`lapses` was ``lapses``, up to now."""
+        return self.lapses == lapses and self.renewed_sent is not None \
+            and time.monotonic() - self.renewed_sent < self.ttl_ms / 1000 * LAPSE_FRACTION
 
     def leave(self) -> None:
         """Give up the queue and the instance claim (no new work), keeping the lease: what this worker

@@ -47,9 +47,12 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 #: Nacos server release we build and run (``com.pig4cloud.nacos:nacos-naming`` / ``nacos-config`` on
@@ -77,6 +80,45 @@ COMPATIBILITY_MODE = "Naming is in 1.x compatibility mode"
 CLUSTER_RELAUNCHES = 2
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+#: Name prefix of the network interfaces gpu-dispatch's own tooling creates (the bridge of
+#: :mod:`gpu_dispatch.testhosts`); a server may be started on an address of such an interface.
+TOOLING_INTERFACE_PREFIX = "gdha"
+
+
+def tooling_addresses() -> set[str]:
+    """IPv4 addresses of this machine's interfaces that gpu-dispatch's tooling created (named
+    :data:`TOOLING_INTERFACE_PREFIX`...): the only non-loopback addresses it starts servers on."""
+    try:
+        done = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=5)
+        links = json.loads(done.stdout or "[]")
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return set()
+    return {a["local"] for link in links if str(link.get("ifname", "")).startswith(TOOLING_INTERFACE_PREFIX)
+            for a in link.get("addr_info", []) if a.get("local")}
+
+
+def may_start_on(host: str) -> bool:
+    """Whether gpu-dispatch starts a server bound to ``host``: loopback, or an address its tooling created."""
+    return host in LOOPBACK or host in tooling_addresses()
+
+
+def bind_addresses(host: str) -> list[str]:
+    """Where a server for ``host`` listens: ``host``, and loopback too when ``host`` is a tooling address."""
+    return [host] if host in LOOPBACK else ["127.0.0.1", host]
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by this user only from the first byte (it may hold a password)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    path.chmod(0o600)
+
+
+#: Clients that only ask a server whether it answers: one try (redis-py's default retries a refused
+#: connection for seconds).
+_PROBE = {"socket_connect_timeout": 1, "socket_timeout": 1, "retry": Retry(NoBackoff(), 0)}
 
 
 class ServerError(RuntimeError):
@@ -102,6 +144,8 @@ class LocalServer:
     """A server process we may start, whose files live in ``<home>/<name>-<port>/``."""
 
     name = "server"
+    #: The server's umask (-1: ours); 0o077 for one whose files hold data or a password it rewrites itself.
+    umask = -1
 
     def __init__(self, host: str, port: int, home: str | os.PathLike, dir: Path | None = None) -> None:
         self.host = host
@@ -155,10 +199,11 @@ class LocalServer:
 
     def launch(self) -> subprocess.Popen:
         """Start the server's process (not waiting for it to answer) and write its pid file."""
-        if self.host not in LOOPBACK:
+        if not may_start_on(self.host):
             raise ServerError(f"{self.name} at {self.address} does not answer, and gpu-dispatch only starts "
-                              "servers on this machine (127.0.0.1); start it there or point the setting at "
-                              "127.0.0.1")
+                              "servers on this machine (127.0.0.1, or an address of a bridge its own tooling "
+                              f"created, named {TOOLING_INTERFACE_PREFIX}*); start it there or point the setting "
+                              "at 127.0.0.1")
         if self.pid() is not None:  # ours, but not answering: start afresh
             self.stop()
         self.ensure_installed()
@@ -166,7 +211,8 @@ class LocalServer:
         argv, env = self.command()
         with open(self.logfile, "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.dir, env={**os.environ, **env}, start_new_session=True)
+                                    cwd=self.dir, env={**os.environ, **env}, start_new_session=True,
+                                    umask=self.umask)
         self.pidfile.write_text(str(proc.pid))
         return proc
 
@@ -224,6 +270,7 @@ class RedisServer(LocalServer):
     (a full Redis refuses writes rather than drop queued requests).  ``docs/reliability.md``."""
 
     name = "redis"
+    umask = 0o077  # its data files, and a config file Sentinel may rewrite (CONFIG REWRITE)
 
     @classmethod
     def from_url(cls, url: str, home: str | os.PathLike) -> "RedisServer":
@@ -239,8 +286,7 @@ class RedisServer(LocalServer):
     url = ""
 
     def answering(self) -> bool:
-        client = redis.Redis.from_url(self.url or f"redis://{self.host}:{self.port}",
-                                      socket_connect_timeout=1, socket_timeout=1)
+        client = redis.Redis.from_url(self.url or f"redis://{self.host}:{self.port}", **_PROBE)
         try:
             return bool(client.ping())
         except redis.AuthenticationError:
@@ -266,9 +312,9 @@ class RedisServer(LocalServer):
         # A password goes in a file only we can read: on the command line, `ps` would show it.
         config = self.dir / "redis.conf"
         password = urlparse(self.url).password if self.url else None
-        config.write_text(f"requirepass {password}\n" if password else "")
-        config.chmod(0o600)
-        return ([shutil.which("redis-server") or "redis-server", str(config), "--port", str(self.port), "--bind", self.host,
+        write_private(config, f"requirepass {password}\n" if password else "")
+        return ([shutil.which("redis-server") or "redis-server", str(config), "--port", str(self.port),
+                 "--bind", *bind_addresses(self.host),
                  "--dir", str(self.dir), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
                  "--maxmemory-policy", "noeviction", "--daemonize", "no", "--protected-mode", "yes"], {})
 
@@ -290,6 +336,362 @@ class NacosAuth:
                               "empty; the local Nacos would start with auth on and no password for its admin: set "
                               "both, or neither for auth off")
         return cls(username, password)
+
+
+#: Name the local Sentinel set gives the primary it watches, unless GPU_DISPATCH_SENTINEL_MASTER says otherwise.
+SENTINEL_MASTER = "gpu-dispatch"
+#: The local HA topology's URL when GPU_DISPATCH_BROKER_URL is not a ``sentinel://`` one.
+DEFAULT_SENTINEL_URL = "sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380;sentinel://127.0.0.1:26381/0"
+#: A data node of the set listens this far below the first sentinel's port (the primary), and one above that.
+DATA_PORT_OFFSET = 100
+#: Milliseconds a primary may not answer before a sentinel thinks it down (two must agree to fail over).
+SENTINEL_DOWN_AFTER_MS = 1500
+#: Milliseconds a failover may take before another sentinel tries.
+SENTINEL_FAILOVER_TIMEOUT_MS = 10000
+
+
+class RedisNode(RedisServer):
+    """One data node of a :class:`RedisSentinelSet`: durable as :class:`RedisServer`, everything (the password
+    too) in its 0600 config file, which Sentinel may rewrite (``CONFIG REWRITE`` after reconfiguring it)."""
+
+    def __init__(self, host: str, port: int, home: str | os.PathLike, password: str | None,
+                 min_replicas_to_write: int = 0, min_replicas_max_lag: int = 10) -> None:
+        super().__init__(host, port, home)
+        self.password = password
+        self.replica_of: tuple[str, int] | None = None
+        self.min_replicas_to_write = min_replicas_to_write
+        self.min_replicas_max_lag = min_replicas_max_lag
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}{host}:{port}/0"
+
+    def client(self, timeout: float = 1.0) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, password=self.password,
+                           **{**_PROBE, "socket_connect_timeout": timeout, "socket_timeout": timeout})
+
+    def role(self) -> str | None:
+        """``master``, ``slave``, or ``None`` when it does not answer."""
+        client = self.client()
+        try:
+            return client.info("replication").get("role")
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        lines = [f"port {self.port}", f"bind {' '.join(bind_addresses(self.host))}", f"dir {self.dir}",
+                 "daemonize no", "protected-mode yes", 'save ""', "appendonly yes", "appendfsync everysec",
+                 "maxmemory-policy noeviction", f"replica-announce-ip {self.host}", "repl-diskless-sync-delay 0",
+                 f"min-replicas-to-write {self.min_replicas_to_write}",
+                 f"min-replicas-max-lag {self.min_replicas_max_lag}"]
+        if self.password:
+            lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
+        if self.replica_of:
+            lines.append(f"replicaof {self.replica_of[0]} {self.replica_of[1]}")
+        config = self.dir / "redis.conf"
+        write_private(config, "\n".join(lines) + "\n")
+        return [shutil.which("redis-server") or "redis-server", str(config)], {}
+
+
+class SentinelNode(LocalServer):
+    """One Redis Sentinel (``redis-server --sentinel``).  Its config file (0600, with the primary's password as
+    ``auth-pass``) is also where Sentinel keeps what it learnt (the current primary, replicas, other
+    sentinels, the epoch): it is written only when missing, so a restarted sentinel knows the topology."""
+
+    name = "sentinel"
+    umask = 0o077  # Sentinel rewrites its config file (with the auth-pass) as it learns the topology
+
+    def __init__(self, host: str, port: int, home: str | os.PathLike, master_name: str, password: str | None,
+                 down_after_ms: int = SENTINEL_DOWN_AFTER_MS,
+                 failover_timeout_ms: int = SENTINEL_FAILOVER_TIMEOUT_MS) -> None:
+        super().__init__(host, port, home)
+        self.master_name = master_name
+        self.password = password
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.monitor: tuple[str, int] | None = None  # the primary to watch, for a fresh config
+        self.config = self.dir / "sentinel.conf"
+
+    def client(self, timeout: float = 1.0) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port,
+                           **{**_PROBE, "socket_connect_timeout": timeout, "socket_timeout": timeout})
+
+    def answering(self) -> bool:
+        client = self.client()
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def ensure_installed(self) -> None:
+        RedisServer.ensure_installed(self)  # type: ignore[arg-type]
+
+    def installed_as(self) -> str:
+        return shutil.which("redis-server") or "not installed"
+
+    def master(self) -> tuple[str, int] | None:
+        """The primary this sentinel names now, or ``None`` when it does not answer."""
+        client = self.client()
+        try:
+            addr = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+        return (addr[0].decode(), int(addr[1])) if addr else None
+
+    def saved_master(self) -> tuple[str, int] | None:
+        """The primary named in this sentinel's config file (Sentinel rewrites it after a failover)."""
+        try:
+            text = self.config.read_text()
+        except OSError:
+            return None
+        found = re.search(rf"^sentinel monitor {re.escape(self.master_name)} (\S+) (\d+) \d+$", text, re.M)
+        return (found.group(1), int(found.group(2))) if found else None
+
+    def view(self) -> dict[str, str]:
+        """What this sentinel says of the primary (``SENTINEL MASTER``), empty when it does not answer."""
+        client = self.client()
+        try:
+            flat = client.execute_command("SENTINEL", "MASTER", self.master_name)
+        except redis.RedisError:
+            return {}
+        finally:
+            client.close()
+        def text(v: Any) -> str:
+            return v.decode() if isinstance(v, bytes) else str(v)
+
+        if isinstance(flat, dict):
+            return {text(k): text(v) for k, v in flat.items()}
+        items = [text(v) for v in flat]
+        return dict(zip(items[::2], items[1::2]))
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        name = self.master_name
+        ours = [f"port {self.port}", f"bind {' '.join(bind_addresses(self.host))}", f"dir {self.dir}",
+                "daemonize no", f"sentinel announce-ip {self.host}"]
+        auth = f"sentinel auth-pass {name} {self.password}" if self.password else ""
+        if self.config.exists() and self.saved_master():
+            text = re.sub(rf"^sentinel auth-pass {re.escape(name)} .*\n?", "", self.config.read_text(), flags=re.M)
+            write_private(self.config, text.rstrip("\n") + "\n" + (auth + "\n" if auth else ""))
+        else:
+            host, port = self.monitor or (self.host, self.port - DATA_PORT_OFFSET)
+            lines = [*ours, f"sentinel monitor {name} {host} {port} 2",
+                     f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+                     f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+                     f"sentinel parallel-syncs {name} 1"] + ([auth] if auth else [])
+            write_private(self.config, "\n".join(lines) + "\n")
+        return [shutil.which("redis-server") or "redis-server", str(self.config), "--sentinel"], {}
+
+
+class RedisSentinelSet:
+    """Redis with Sentinel on this machine: a primary, a replica and three sentinels (quorum 2).
+
+    Clients reach it through a ``sentinel://`` URL naming the sentinels, and the primary's name
+    (``GPU_DISPATCH_SENTINEL_MASTER``); the data nodes listen :data:`DATA_PORT_OFFSET` below the first
+    sentinel's port and one above that.  Each data node is durable as :class:`RedisServer` (AOF fsynced
+    every second, no eviction); replication is asynchronous, so a failover can lose what the dead primary
+    acknowledged and had not yet sent to the replica (``docs/reliability.md``).  Starting is idempotent and
+    follows the topology Sentinel has settled on (after a failover the old primary comes back as a
+    replica); stopping stops the sentinels first, so stopping does not fail over.
+
+    :param host: the address every member listens on and announces (loopback, or a tooling bridge's, in
+        which case they listen on loopback too).
+    :param sentinel_ports: the three sentinels' ports.
+    :param data_ports: the data nodes' ports; the first is the primary of a fresh set.
+    :param password: the data nodes' password (``requirepass``/``masterauth``; the sentinels' ``auth-pass``),
+        only ever in 0600 config files.
+    :param min_replicas_to_write: the primary refuses writes while fewer replicas than this are connected
+        (and have answered within ``min_replicas_max_lag`` seconds); 0 turns it off.
+    """
+
+    name = "redis-sentinel"
+
+    def __init__(self, host: str, sentinel_ports: tuple[int, ...], data_ports: tuple[int, ...],
+                 home: str | os.PathLike, *, master_name: str = SENTINEL_MASTER, password: str | None = None,
+                 db: int = 0, down_after_ms: int = SENTINEL_DOWN_AFTER_MS,
+                 failover_timeout_ms: int = SENTINEL_FAILOVER_TIMEOUT_MS, min_replicas_to_write: int = 0,
+                 min_replicas_max_lag: int = 10) -> None:
+        self.host = host
+        self.master_name = master_name
+        self.password = password
+        self.db = db
+        self.nodes = [RedisNode(host, p, home, password, min_replicas_to_write, min_replicas_max_lag)
+                      for p in data_ports]
+        self.sentinels = [SentinelNode(host, p, home, master_name, password, down_after_ms, failover_timeout_ms)
+                          for p in sentinel_ports]
+
+    @classmethod
+    def from_url(cls, url: str, master_name: str, home: str | os.PathLike, **options: Any) -> "RedisSentinelSet":
+        """The set a ``sentinel://`` URL names (its sentinels; the data nodes by :data:`DATA_PORT_OFFSET`)."""
+        hosts, ports, password, db = set(), [], None, 0
+        for part in url.split(";"):
+            parsed = urlparse(part.strip())
+            if parsed.scheme != "sentinel":
+                raise ServerError(f"{part.strip()!r} is not a sentinel:// URL (GPU_DISPATCH_BROKER_URL); use e.g. "
+                                  f"{DEFAULT_SENTINEL_URL}")
+            hosts.add(parsed.hostname or "127.0.0.1")
+            ports.append(parsed.port or 26379)
+            password = parsed.password or password
+            if parsed.path.strip("/"):
+                db = int(parsed.path.strip("/"))
+        if len(hosts) != 1 or len(ports) != 3:
+            raise ServerError(f"the local Sentinel set is three sentinels on one address; {sanitize_url(url)!r} "
+                              f"names {len(ports)} on {len(hosts)} (use e.g. {DEFAULT_SENTINEL_URL})")
+        first = ports[0] - DATA_PORT_OFFSET
+        return cls(hosts.pop(), tuple(ports), (first, first + 1), home, master_name=master_name or SENTINEL_MASTER,
+                   password=password, db=db, **options)
+
+    # -- what clients use --------------------------------------------------------------
+
+    def url(self, db: int | None = None) -> str:
+        """The ``sentinel://`` URL of this set (with the password), for database ``db``."""
+        auth = f":{self.password}@" if self.password else ""
+        parts = [f"sentinel://{auth}{s.host}:{s.port}" for s in self.sentinels]
+        return ";".join(parts) + f"/{self.db if db is None else db}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{','.join(str(s.port) for s in self.sentinels)}"
+
+    # -- topology ---------------------------------------------------------------------
+
+    def members(self) -> list[LocalServer]:
+        return [*self.nodes, *self.sentinels]
+
+    def node_at(self, address: tuple[str, int] | None) -> RedisNode | None:
+        return next((n for n in self.nodes if address and n.port == address[1]), None)
+
+    def primary(self) -> tuple[str, int] | None:
+        """The primary most answering sentinels name now; ``None`` when none answers."""
+        named = [m for m in (s.master() for s in self.sentinels) if m]
+        return max(set(named), key=named.count) if named else None
+
+    def current_primary(self) -> RedisNode:
+        """The node that is (or, with the set down, was last) the primary: what the sentinels say, else their
+        config files, else the first data node."""
+        for where in (self.primary(), *(s.saved_master() for s in self.sentinels)):
+            node = self.node_at(where)
+            if node is not None:
+                return node
+        return self.nodes[0]
+
+    def answering(self) -> bool:
+        """Every member answers and the sentinels agree on a primary that answers as one."""
+        if not all(m.answering() for m in self.members()):
+            return False
+        node = self.node_at(self.primary())
+        return node is not None and node.role() == "master"
+
+    def healthy(self) -> bool:
+        """:meth:`answering`, and the sentinels see the replica(s) and each other: a failover can happen."""
+        if not self.answering():
+            return False
+        for sentinel in self.sentinels:
+            view = sentinel.view()
+            if int(view.get("num-slaves", 0)) < len(self.nodes) - 1 \
+                    or int(view.get("num-other-sentinels", 0)) < len(self.sentinels) - 1:
+                return False
+        primary = self.node_at(self.primary())
+        client = primary.client()
+        try:
+            info = client.info("replication")
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+        replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return sum(r.get("state") == "online" for r in replicas) >= len(self.nodes) - 1
+
+    # -- start, stop, faults ------------------------------------------------------------
+
+    def start(self, timeout: float = START_TIMEOUT) -> str:
+        """Start whatever member is not running, as the current topology wants it; wait until the set is
+        :meth:`healthy`."""
+        if self.healthy():
+            return f"{self.name} already answering at {self.address} (primary {self.primary_address()})"
+        done = []
+        primary = self.current_primary()
+        for node in sorted(self.nodes, key=lambda n: n is not primary):
+            if not node.answering():
+                node.replica_of = None if node is primary else (primary.host, primary.port)
+                done.append(node.start(timeout))
+        for sentinel in self.sentinels:
+            if not sentinel.answering():
+                sentinel.monitor = (primary.host, primary.port)
+                done.append(sentinel.start(timeout))
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise ServerError(f"{self.name} at {self.address}: every member started but the sentinels do not "
+                                  f"see a primary with its replica and each other within {timeout:.0f} s:\n"
+                                  + "\n".join(self.status_lines())
+                                  + f"\nCheck the sentinels' logs: {self.sentinels[0].logfile} ...")
+            time.sleep(0.2)
+        done.append(f"{self.name} ready at {self.address}: primary {self.primary_address()}, master name "
+                    f"{self.master_name!r}")
+        return "\n".join(done)
+
+    def start_node(self, node: RedisNode, timeout: float = START_TIMEOUT) -> str:
+        """(Re)start one data node as a replica of the current primary (after a fault, say)."""
+        primary = self.node_at(self.primary())
+        node.replica_of = None if primary in (None, node) else (primary.host, primary.port)
+        return node.start(timeout)
+
+    def primary_address(self) -> str:
+        where = self.primary()
+        return f"{where[0]}:{where[1]}" if where else "none"
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> str:
+        """Stop the members gpu-dispatch started: sentinels first, then replicas, the primary last."""
+        primary = self.current_primary()
+        order = [*self.sentinels, *sorted(self.nodes, key=lambda n: n is primary)]
+        return "\n".join(m.stop(timeout) for m in order)
+
+    def kill_primary(self) -> RedisNode:
+        """SIGKILL the data node the sentinels name as primary (fault injection); returns it."""
+        node = self.node_at(self.primary())
+        if node is None:
+            raise ServerError(f"{self.name} at {self.address}: no sentinel names a primary")
+        node.kill()
+        return node
+
+    def wait_for_failover(self, old: RedisNode, timeout: float = 60.0) -> RedisNode:
+        """Wait until a majority of sentinels name another primary that answers as one; returns it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            named = [s.master() for s in self.sentinels]
+            node = self.node_at(self.primary())
+            if node is not None and node is not old and sum(m == (node.host, node.port) for m in named) >= 2 \
+                    and node.role() == "master":
+                return node
+            time.sleep(0.05)
+        raise ServerError(f"{self.name} at {self.address}: no failover from {old.address} within {timeout:.0f} s:\n"
+                          + "\n".join(self.status_lines()))
+
+    def status_lines(self) -> list[str]:
+        primary = self.primary()
+        lines = []
+        for member in self.members():
+            line = member.status().line()
+            if isinstance(member, RedisNode) and member.answering():
+                line += " primary" if primary and member.port == primary[1] else " replica"
+            lines.append(line)
+        lines.append(f"primary of {self.master_name!r} per the sentinels: {self.primary_address()}")
+        return lines
+
+    def status(self) -> list[Status]:
+        """Each member's status (as a cluster's)."""
+        return self.statuses()
+
+    def statuses(self) -> list[Status]:
+        return [m.status() for m in self.members()]
+
+
+def sanitize_url(url: str) -> str:
+    return re.sub(r"(://[^:/@;]*:)[^@;]*@", r"\1**@", url)
 
 
 class NacosServer(LocalServer):
@@ -670,6 +1072,20 @@ def local_servers(conf: object, ha: bool = False) -> tuple[RedisServer, NacosSer
     nacos = NacosCluster if ha else NacosServer
     return (RedisServer.from_url(conf.broker_url, conf.home),
             nacos.from_addresses(conf.nacos_server_addresses, conf.home, auth=auth))
+
+
+def ha_redis(conf: object, **options: Any) -> RedisSentinelSet:
+    """The local Redis-with-Sentinel set: the broker URL's when it is ``sentinel://``, else
+    :data:`DEFAULT_SENTINEL_URL` (clients then need GPU_DISPATCH_BROKER_URL set to it)."""
+    url = conf.broker_url if conf.broker_url.startswith("sentinel://") else DEFAULT_SENTINEL_URL
+    return RedisSentinelSet.from_url(url, conf.sentinel_master or SENTINEL_MASTER, conf.home, **options)
+
+
+def local_ha_servers(conf: object) -> list:
+    """The servers of the highly available topology (``gpu-dispatch servers up --ha``): Redis with Sentinel
+    and a 3-node Nacos cluster, each with ``start``/``stop``/``status``."""
+    auth = NacosAuth.from_settings(conf.nacos_username, conf.nacos_password)
+    return [ha_redis(conf), NacosCluster.from_addresses(conf.nacos_server_addresses, conf.home, auth=auth)]
 
 
 def _alive(pid: int) -> bool:

@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 import redis
+from celery import states
 from celery.exceptions import Ignore
 
-from gpu_dispatch import broker, contract
+from gpu_dispatch import broker, contract, results
 from gpu_dispatch.ledger import Ledger, ledger_mb
 from gpu_dispatch.ownership import Ownership, QueueTaken, instance_id
 from gpu_dispatch.registry import Registry
@@ -101,6 +102,11 @@ class GpuWorker:
         self._lease_thread: threading.Thread | None = None
         #: Called (once) when a newer incarnation of this worker has taken its queue over.
         self.on_fenced: Callable[[str], None] | None = None
+        #: Outcomes this worker has claimed and not yet settled: task id -> the lease's lapse count then.
+        self._claims: dict[str, int] = {}
+        #: With GPU_DISPATCH_REPLICA_WAIT: outcomes stored but not yet known to be on a replica (task id ->
+        #: (return value, traceback)), to store again should a failover lose them.
+        self._unreplicated: dict[str, tuple[Any, str | None]] = {}
         self._to_settle: list[tuple[str, str]] = []
         self._settle_lock = threading.Lock()
         self._settle_due = threading.Event()
@@ -357,13 +363,17 @@ class GpuWorker:
     def _claim_outcome(self, task_id: str, tracked: bool) -> None:
         if not tracked:
             return
+        lapses = self.ownership.lapses
         verdict = self._broker(lambda: self.ledger.finish(task_id, self.incarnation), f"finish {task_id}")
+        if verdict == "ok":
+            with self._settle_lock:
+                self._claims[task_id] = lapses
         if verdict == "answered":
             log.warning("task %s: another delivery of it has already answered (it was re-dispatched while this "
                         "one ran); this outcome is discarded", task_id)
             raise Skipped("answered")
 
-    def settled(self, task_id: str, state: str) -> None:
+    def settled(self, task_id: str, state: str, retval: Any = None, traceback: str | None = None) -> None:
         """The outcome of ``task_id`` is stored: close its ledger record (batched, off the request's path).
 
         Settling late is safe: until then the record says its outcome is being
@@ -372,7 +382,26 @@ class GpuWorker:
         """
         with self._settle_lock:
             self._to_settle.append((task_id, state))
+            claimed = self._claims.pop(task_id, None) is not None
+            if claimed and self.conf.replica_wait:  # kept until a replica has it (see _settle_replicated)
+                self._unreplicated[task_id] = (retval, traceback)
         self._settle_due.set()
+
+    def may_store(self, task_id: str, state: str) -> bool:
+        """Whether Celery may store this outcome now (asked before each try: :mod:`gpu_dispatch.results`).
+
+        Yes for anything but an outcome this worker claimed; for a claimed one, yes while the lease has held
+        without a lapse since the claim (no one could have taken it), else only if the ledger says the claim
+        is still this worker's — a worker cut off after claiming finds its request re-dispatched and
+        answered elsewhere, and stores nothing over that answer.
+        """
+        if state not in states.READY_STATES:
+            return True
+        with self._settle_lock:
+            lapses = self._claims.get(task_id)
+        if lapses is None or self.ownership.live_since(lapses):
+            return True
+        return self._broker(lambda: self.ledger.claimed_by(task_id, self.incarnation), f"check claim {task_id}")
 
     def _settle_batches(self) -> None:
         while True:
@@ -384,11 +413,64 @@ class GpuWorker:
                 batch, self._to_settle = self._to_settle, []
             if batch:
                 try:
-                    self._broker(lambda: self.ledger.settle_many(batch, self.incarnation), "settle outcomes")
+                    if self.conf.replica_wait:
+                        self._settle_replicated(batch)
+                    else:
+                        self._broker(lambda: self.ledger.settle_many(batch, self.incarnation), "settle outcomes")
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("ledger: %d outcomes not settled (%s); recovery settles them", len(batch), exc)
             if self._stop.is_set():
                 return
+
+    def _settle_replicated(self, batch: list[tuple[str, str]]) -> None:
+        """Settle ``batch`` and ``WAIT`` for a replica to have it: the stored outcomes come before the settle
+        in the primary's stream, so one WAIT covers both.  Short of that (the primary died, or the replica
+        lags), each outcome is checked on the primary there is now and stored again if a failover lost it."""
+        wanted, timeout_ms = self.conf.replica_wait, self.conf.replica_wait_ms
+        try:
+            replicas = self.ledger.settle_many(batch, self.incarnation, replicas=wanted, timeout_ms=timeout_ms)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("ledger: settling %d outcomes failed (%s); checking they survived", len(batch), exc)
+            replicas = -1
+        if replicas < wanted:
+            for task_id, state in batch:
+                self._broker(lambda: self._restore(task_id, state), f"check the outcome of {task_id}")
+            replicas = self._broker(lambda: self.ledger.settle_many([], self.incarnation, replicas=wanted,
+                                                                    timeout_ms=timeout_ms), "wait for a replica")
+            if replicas < wanted:
+                log.warning("ledger: %d outcomes on %d of %d replicas within %d ms (GPU_DISPATCH_REPLICA_WAIT)",
+                            len(batch), replicas, wanted, timeout_ms)
+        with self._settle_lock:
+            for task_id, _state in batch:
+                self._unreplicated.pop(task_id, None)
+
+    def _restore(self, task_id: str, state: str) -> None:
+        """Store the outcome of ``task_id`` again if the primary (after a failover) lacks it, and settle it;
+        unless another delivery has answered it meanwhile."""
+        backend = self.result_backend()
+        with self._settle_lock:
+            kept = self._unreplicated.get(task_id)
+        if kept is None:
+            return
+        if backend.get_task_meta(task_id, cache=False).get("status") in states.READY_STATES:
+            self.ledger.settle(task_id, self.incarnation, state)
+            return
+        mine = self.ledger.claimed_by(task_id, self.incarnation) \
+            or self.ledger.finish(task_id, self.incarnation) in ("ok", "untracked")
+        if not mine:
+            log.warning("task %s: its outcome was lost in a failover, and another delivery has answered it", task_id)
+            return
+        retval, traceback = kept
+        backend.store_result(task_id, retval, state, traceback=traceback)
+        self.ledger.settle(task_id, self.incarnation, state)
+        log.warning("task %s: its outcome was lost in a failover; stored again", task_id)
+
+    @staticmethod
+    def result_backend() -> Any:
+        """Celery's result backend (this thread's)."""
+        from gpu_dispatch.celery import app
+
+        return app.backend
 
     def _broker(self, call: Callable[[], T], what: str) -> T:
         """``call()``, retried while the broker is unreachable, for at most ``GPU_DISPATCH_BROKER_OUTAGE``."""
@@ -418,6 +500,7 @@ def _skip_reason(verdict: str, detail: str) -> str:
 
 
 def install(worker: GpuWorker | None) -> None:
-    """Make ``worker`` this process's GPU worker (the bootstep calls this)."""
+    """Make ``worker`` this process's GPU worker (the bootstep calls this), and its fence the result store's."""
     global _current
     _current = worker
+    results.install_fence(worker.may_store if worker is not None else None)

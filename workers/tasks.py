@@ -58,7 +58,7 @@ class InferenceTask(Task):
     """``run_inference``'s class: settles the request's ledger record once its outcome is stored."""
 
     def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        runtime.current().settled(task_id, status)
+        runtime.current().settled(task_id, status, retval, einfo.traceback if einfo is not None else None)
 
 
 @app.task(name=INFERENCE_TASK, base=InferenceTask, bind=True, acks_late=True, reject_on_worker_lost=True)
