@@ -40,8 +40,8 @@ os.environ.setdefault("GPU_DISPATCH_NACOS_SERVER", "127.0.0.1:18858")
 os.environ.setdefault("GPU_DISPATCH_NACOS_SERVICE", "gpu-inference-bench")
 
 import celeryconfig  # noqa: E402
-from gpu_dispatch.processes import DISPATCHER_ENV, Supervisor, beat_argv, celery, gpu_worker_argv  # noqa: E402
-from gpu_dispatch.servers import local_servers  # noqa: E402
+from gpu_dispatch_tools.processes import DISPATCHER_ENV, Supervisor, beat_argv, celery, gpu_worker_argv  # noqa: E402
+from gpu_dispatch_tools.servers import local_servers  # noqa: E402
 
 #: Settings of every process the benchmark starts: instant simulated inference, quiet logs.
 PROCESS_ENV = {"GPU_DISPATCH_GPU_SOURCE": "simulated", "GPU_DISPATCH_WORKER_IP": "127.0.0.1",

@@ -23,10 +23,10 @@ waits for every accepted request's outcome and reports, per fault:
 
 With ``--ha`` the topology is the highly available one, from real parts on
 this machine: Redis with Sentinel (a primary, a replica, three sentinels:
-:class:`gpu_dispatch.servers.RedisSentinelSet`) reached through
+:class:`gpu_dispatch_tools.servers.RedisSentinelSet`) reached through
 ``sentinel://`` URLs, and, where ``ip netns`` is permitted, two of the four
 GPU workers on hosts of their own (network namespaces on a bridge,
-:mod:`gpu_dispatch.testhosts`), each registering its own address; Redis and
+:mod:`gpu_dispatch_tools.testhosts`), each registering its own address; Redis and
 Nacos then listen on the bridge address too.  Its faults:
 
 - **sentinel-failover** — the Redis primary killed (kill -9) mid-load;
@@ -60,7 +60,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gpu_dispatch import testhosts
+from gpu_dispatch_tools import testhosts
 
 #: The topology is chosen before celeryconfig reads the settings (at its import): ``--ha`` on the command line.
 HA = "--ha" in sys.argv[1:] and __name__ == "__main__"
@@ -85,8 +85,8 @@ os.environ.setdefault("GPU_DISPATCH_NACOS_SERVICE", "gpu-inference-faults")
 
 import celeryconfig  # noqa: E402
 from gpu_dispatch.contract import gpu_queue  # noqa: E402
-from gpu_dispatch.processes import Supervisor, beat_argv, dispatcher_argv, gpu_worker_argv  # noqa: E402
-from gpu_dispatch.servers import NacosServer, RedisSentinelSet, ServerError, local_servers  # noqa: E402
+from gpu_dispatch_tools.processes import Supervisor, beat_argv, dispatcher_argv, gpu_worker_argv  # noqa: E402
+from gpu_dispatch_tools.servers import NacosServer, RedisSentinelSet, ServerError, local_servers  # noqa: E402
 
 #: Settings of every process: fast refreshes and sweeps, requests of about half a second.
 PROCESS_ENV = {"GPU_DISPATCH_GPU_SOURCE": "simulated", "GPU_DISPATCH_WORKER_IP": "127.0.0.1",

@@ -42,7 +42,6 @@ import platform
 import queue
 import random
 import re
-import statistics
 import sys
 import threading
 import time
@@ -57,7 +56,7 @@ os.environ.setdefault("GPU_DISPATCH_NACOS_SERVER", "127.0.0.1:18868")
 os.environ.setdefault("GPU_DISPATCH_NACOS_SERVICE", "gpu-inference-bench-real")
 
 import celeryconfig  # noqa: E402
-from gpu_dispatch.model_server import ModelServer, ensure_model, missing_extra  # noqa: E402
+from gpu_dispatch_tools.model_server import ModelServer, ensure_model, missing_extra  # noqa: E402
 from workers.backends import BackendError, OpenAIBackend  # noqa: E402
 
 POLICIES = ("round-robin", "shared-queue", "default", "affinity")
@@ -233,8 +232,8 @@ class Cluster:
     """Redis, Nacos, beat and one GPU worker per model server, for the gpu-dispatch policies."""
 
     def __init__(self, gpus: int, slots: int, log_dir: Path) -> None:
-        from gpu_dispatch.processes import Supervisor
-        from gpu_dispatch.servers import local_servers
+        from gpu_dispatch_tools.processes import Supervisor
+        from gpu_dispatch_tools.servers import local_servers
 
         self.gpus, self.slots = gpus, slots
         self.supervisor = Supervisor(log_dir)
@@ -242,7 +241,7 @@ class Cluster:
         self.started: list = []
 
     def start(self) -> None:
-        from gpu_dispatch.processes import beat_argv, gpu_worker_argv
+        from gpu_dispatch_tools.processes import beat_argv, gpu_worker_argv
         from gpu_dispatch.registry import Registry, RegistryError
 
         for server in self.servers:

@@ -2,7 +2,7 @@
 
     python -m bench.replica_wait [--requests 2000] [--rounds 3] [--threads 8]
 
-Starts Redis with Sentinel (:class:`gpu_dispatch.servers.RedisSentinelSet`; sentinels at
+Starts Redis with Sentinel (:class:`gpu_dispatch_tools.servers.RedisSentinelSet`; sentinels at
 ``GPU_DISPATCH_BENCH_SENTINEL_PORT``, default 16903, and the two after it; data nodes 100 below)
 unless it answers, and times what ``dispatcher.tasks.hand_on`` sends before a request counts as
 accepted: the ledger's dispatch script in one pipelined round trip, followed by ``WAIT 1`` when
@@ -27,7 +27,7 @@ import uuid
 
 from gpu_dispatch import broker
 from gpu_dispatch.ledger import Ledger
-from gpu_dispatch.servers import RedisSentinelSet
+from gpu_dispatch_tools.servers import RedisSentinelSet
 
 MASTER = "gpu-dispatch-bench"
 

@@ -26,7 +26,7 @@ Understood exposition formats (metric names checked against the servers' sources
   ``llamacpp:kv_cache_usage_ratio`` (0..1); newer builds no longer export a
   KV-cache figure, so only the two counts come back.
 - **llama-cpp-python's server** (``python -m llama_cpp.server``, what
-  :mod:`gpu_dispatch.model_server` runs) has no ``/metrics`` at all (404):
+  :mod:`gpu_dispatch_tools.model_server` runs) has no ``/metrics`` at all (404):
   :meth:`OpenAIBackend.signals` then returns ``{}``.
 
 :func:`signals_from_exposition` never raises: malformed or unrelated input

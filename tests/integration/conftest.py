@@ -13,7 +13,7 @@ import pytest
 
 import celeryconfig
 from gpu_dispatch.registry import Registry
-from gpu_dispatch.servers import local_servers
+from gpu_dispatch_tools.servers import local_servers
 # The dispatcher's fixtures, for every integration test.
 from tests.integration.dispatch_support import central_mode, producer_view  # noqa: F401
 

@@ -99,7 +99,7 @@ def _crash_sequence(server, transport: str, back: bool) -> tuple[Exception | Non
 
 @pytest.fixture
 def crash_redis(tmp_path):
-    from gpu_dispatch.servers import RedisServer
+    from gpu_dispatch_tools.servers import RedisServer
     from tests.conftest import TEST_REDIS_PORT
 
     server = RedisServer.from_url(f"redis://127.0.0.1:{TEST_REDIS_PORT + 1}/0", tmp_path)

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 import celeryconfig
-from gpu_dispatch import testhosts
-from gpu_dispatch.servers import NacosServer, RedisSentinelSet
+from gpu_dispatch_tools import testhosts
+from gpu_dispatch_tools.servers import NacosServer, RedisSentinelSet
 from tests.conftest import REDIS_PASSWORD, TEST_NACOS_PORT, TEST_REDIS_PORT
 from tests.support import LOG_DIR, PYTHON, wait_until
 

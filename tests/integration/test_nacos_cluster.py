@@ -9,7 +9,7 @@ import pytest
 
 import celeryconfig
 from gpu_dispatch.registry import Registry
-from gpu_dispatch.servers import NacosAuth, NacosCluster
+from gpu_dispatch_tools.servers import NacosAuth, NacosCluster
 from tests.conftest import TEST_NACOS_HA_PORT, TEST_NACOS_PORT
 from tests.support import wait_until
 

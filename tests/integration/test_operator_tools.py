@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 from dispatcher import dispatch_inference
-from gpu_dispatch.processes import flower_argv, flower_env
+from gpu_dispatch_tools.processes import flower_argv, flower_env
 from tests.integration.dispatch_support import start_dispatcher, start_gpus
 from tests.support import PYTHON, spawn, stop, wait_until
 
@@ -27,7 +27,7 @@ METRIC_SERIES = ("gpu_dispatch_decisions_total", "gpu_dispatch_no_gpu_retries_to
 
 
 def status_json(service: str) -> list[dict]:
-    done = subprocess.run([PYTHON, "-m", "gpu_dispatch.cli", "status", "--once", "--json"], capture_output=True,
+    done = subprocess.run([PYTHON, "-m", "gpu_dispatch_tools.cli", "status", "--once", "--json"], capture_output=True,
                           text=True, env={**os.environ, "GPU_DISPATCH_NACOS_SERVICE": service}, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["rows"]
@@ -120,7 +120,7 @@ def _get(url: str) -> bytes | None:
 
 def test_the_demo_in_short_mode_loses_nothing_and_leaves_no_process_behind(tmp_path):
     plot = tmp_path / "demo.png"
-    done = subprocess.run([PYTHON, "-m", "gpu_dispatch.cli", "demo", "--prompts", "40", "--rate", "40",
+    done = subprocess.run([PYTHON, "-m", "gpu_dispatch_tools.cli", "demo", "--prompts", "40", "--rate", "40",
                            "--flower-port", str(FLOWER_PORT + 1), "--plot", str(plot)],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "GPU_DISPATCH_NACOS_SERVICE": "gpu-inference-demo-test",

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from gpu_dispatch.model_server import ModelServer, ensure_model, missing_extra
+from gpu_dispatch_tools.model_server import ModelServer, ensure_model, missing_extra
 from workers.backends import BackendError, OpenAIBackend
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(180)]

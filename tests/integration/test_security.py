@@ -11,7 +11,7 @@ import subprocess
 import urllib.request
 
 from gpu_dispatch.celery import app
-from gpu_dispatch.processes import flower_argv, flower_env
+from gpu_dispatch_tools.processes import flower_argv, flower_env
 from tests.conftest import REDIS_PASSWORD
 from tests.integration.dispatch_support import start_dispatcher, start_gpus
 from tests.support import LOG_DIR, PYTHON, spawn, stop, wait_until
@@ -29,7 +29,7 @@ def test_the_redis_password_is_in_no_output_an_operator_reads(service_name, cele
     assert REDIS_PASSWORD in app.conf.broker_url  # the test is about something real
     [worker] = start_gpus(service_name, celery_processes, ["idle"])
     outputs = {
-        "gpu-dispatch config": run("gpu_dispatch.cli", "config"),
+        "gpu-dispatch config": run("gpu_dispatch_tools.cli", "config"),
         "celery inspect conf": run("celery", "-A", "gpu_dispatch", "inspect", "conf", "-d", worker.node, "-t", "5"),
         "celery report": run("celery", "-A", "gpu_dispatch", "report"),
     }

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpu_dispatch.cli import config_reference
+from gpu_dispatch_tools.cli import config_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def test_a_choice_setting_lists_the_allowed_values():
 
 
 def test_metadata_doc_lists_every_key_as_the_contract_declares_it():
-    from gpu_dispatch.cli import metadata_reference
+    from gpu_dispatch_tools.cli import metadata_reference
 
     doc = (ROOT / "docs" / "metadata.md").read_text()
     generated = re.search(r"<!-- generated: .*? -->\n(.*)<!-- end generated -->", doc, re.S).group(1)

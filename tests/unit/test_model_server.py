@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpu_dispatch import model_server
-from gpu_dispatch.model_server import ModelServer, ModelServerError, missing_extra
+from gpu_dispatch_tools import model_server
+from gpu_dispatch_tools.model_server import ModelServer, ModelServerError, missing_extra
 
 
 def test_the_command_line_is_the_llama_cpp_server_with_our_flags(tmp_path):

@@ -44,5 +44,5 @@ def test_a_gpu_index_beyond_the_hosts_gpus_stops_the_worker_naming_the_setting()
     (["--gpu", "-1"], "'--gpu': -1 is not in the range x>=0"),
 ])
 def test_bad_worker_arguments_are_refused_naming_them(argv, message):
-    done = start(["-m", "gpu_dispatch.cli", "worker", *argv])
+    done = start(["-m", "gpu_dispatch_tools.cli", "worker", *argv])
     assert done.returncode == 2 and message in done.stderr

@@ -23,7 +23,7 @@ import org.springframework.web.bind.annotation.RestController;
  * ("double write"), in which it refuses every gRPC request, i.e. every 2.x client: a new 2.0.4
  * cluster starts in that mode and leaves it when its upgrade check passes or when an operator turns
  * double write off ({@code PUT /nacos/v1/ns/operator/switches?entry=doubleWriteEnabled&value=false},
- * as Nacos's upgrade guide says for a cluster without 1.x clients; gpu_dispatch/servers.py does so).
+ * as Nacos's upgrade guide says for a cluster without 1.x clients; gpu_dispatch_tools/servers.py does so).
  * The body then starts with {@value #COMPATIBILITY_MODE}. It is 500, too, until the node has loaded
  * the other nodes' ephemeral instances (Distro's initial snapshot load), so that a node that
  * rejoins is ready only once it lists what the others do.

@@ -30,9 +30,9 @@ from pathlib import Path
 
 from gpu_dispatch.celery import app
 from gpu_dispatch.contract import gpu_queue
-from gpu_dispatch.processes import DISPATCHER_ENV, Supervisor, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
+from gpu_dispatch_tools.processes import DISPATCHER_ENV, Supervisor, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
 from gpu_dispatch.registry import Registry, RegistryError
-from gpu_dispatch.servers import local_servers
+from gpu_dispatch_tools.servers import local_servers
 
 #: The simulated cluster: (GPU index, other tenants' profile).
 GPUS = ((0, "nearly-full"), (1, "bursty"), (2, "idle"), (3, "idle"))
@@ -145,7 +145,7 @@ class DemoError(RuntimeError):
 
 def _start_model_servers(gpus, home: Path, console) -> list:
     """One llama.cpp server per GPU worker, at the worker's instance port, on loopback; started in turn."""
-    from gpu_dispatch.model_server import ModelServer, ModelServerError, ensure_model, missing_extra
+    from gpu_dispatch_tools.model_server import ModelServer, ModelServerError, ensure_model, missing_extra
 
     problem = missing_extra()
     if problem:

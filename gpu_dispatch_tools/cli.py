@@ -16,8 +16,8 @@ import click
 import celeryconfig
 from gpu_dispatch.celery import app
 from gpu_dispatch.contract import SIMULATED_TENANTS
-from gpu_dispatch.processes import DISPATCHER_ENV, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
-from gpu_dispatch.servers import ServerError, local_ha_servers, local_servers
+from gpu_dispatch_tools.processes import DISPATCHER_ENV, beat_argv, dispatcher_argv, flower_argv, flower_env, gpu_worker_argv
+from gpu_dispatch_tools.servers import ServerError, local_ha_servers, local_servers
 from scoring import PROFILES
 
 #: The settings (celeryconfig.py), as every part of gpu-dispatch reads them.
@@ -68,7 +68,7 @@ def servers_up(timeout: float, ha: bool) -> None:
 
 def _ha_client_hint() -> None:
     """What clients must be told when the settings do not name the Sentinel set yet."""
-    from gpu_dispatch.servers import ha_redis
+    from gpu_dispatch_tools.servers import ha_redis
 
     if not celeryconfig.broker_url.startswith("sentinel://"):
         redis_set = ha_redis(celeryconfig)
@@ -133,7 +133,7 @@ def worker(gpu: int, concurrency: int | None, tenants: str | None, simulated: bo
     if simulated:
         env["GPU_DISPATCH_GPU_SOURCE"] = "simulated"
     if real_model:
-        from gpu_dispatch.model_server import MODEL_ALIAS
+        from gpu_dispatch_tools.model_server import MODEL_ALIAS
 
         env.update(GPU_DISPATCH_BACKEND="openai", GPU_DISPATCH_MODEL_NAME=MODEL_ALIAS)
         port = conf.base_port + gpu
@@ -200,7 +200,7 @@ def status(once: bool, as_json: bool, interval: float, profile: str) -> None:
 
     from dispatcher.view import RegistryView
     from gpu_dispatch.registry import RegistryError
-    from gpu_dispatch.status import render, snapshot
+    from gpu_dispatch_tools.status import render, snapshot
     from scoring import Request, get_profile
 
     scoring_profile = get_profile(profile, conf.max_reading_age)
@@ -253,7 +253,7 @@ def demo(prompts: int | None, rate: float | None, keep: bool, flower_port: int, 
 
     from rich.console import Console
 
-    from gpu_dispatch.demo import default_plot_path, run
+    from gpu_dispatch_tools.demo import default_plot_path, run
 
     prompts = prompts if prompts is not None else 30 if real_model else 300
     rate = rate if rate is not None else 1.0 if real_model else 20.0
@@ -281,7 +281,7 @@ def model_server(gpu: int, host: str, port: int | None, n_ctx: int, threads: int
     Pair it with `gpu-dispatch worker --gpu N --real-model`. The same as:
     python -m llama_cpp.server --model <GPU_DISPATCH_HOME>/models/gemma-3-270m-q4_k_m.gguf --port P ...
     """
-    from gpu_dispatch.model_server import ModelServer, ModelServerError, ensure_model
+    from gpu_dispatch_tools.model_server import ModelServer, ModelServerError, ensure_model
 
     try:
         model = ensure_model(conf.home)

@@ -81,7 +81,7 @@ CLUSTER_RELAUNCHES = 2
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 #: Name prefix of the network interfaces gpu-dispatch's own tooling creates (the bridge of
-#: :mod:`gpu_dispatch.testhosts`); a server may be started on an address of such an interface.
+#: :mod:`gpu_dispatch_tools.testhosts`); a server may be started on an address of such an interface.
 TOOLING_INTERFACE_PREFIX = "gdha"
 
 

@@ -8,7 +8,7 @@
 Each namespace is a host of its own: its own loopback, one address on the
 bridge's subnet and no other route, so what runs there reaches Redis and Nacos
 only through the bridge address (they listen there too: the tooling allows
-addresses of interfaces it created, :func:`gpu_dispatch.servers.may_start_on`),
+addresses of interfaces it created, :func:`gpu_dispatch_tools.servers.may_start_on`),
 and a GPU worker there registers its own address (``GPU_DISPATCH_WORKER_IP``).
 Cutting a host's link (:meth:`Host.cut`, ``ip link set ... down`` inside its
 namespace) is a host cut off from the network while its processes live on.
@@ -28,7 +28,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from gpu_dispatch.servers import TOOLING_INTERFACE_PREFIX
+from gpu_dispatch_tools.servers import TOOLING_INTERFACE_PREFIX
 
 PREFIX = TOOLING_INTERFACE_PREFIX
 #: The only addresses used: the bridge is .1, host n is .10+n.
