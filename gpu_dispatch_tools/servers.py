@@ -54,6 +54,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gpu_dispatch_tools.processes import spawn
+
 
 #: Nacos server release we build and run (``com.pig4cloud.nacos:nacos-naming`` / ``nacos-config`` on
 #: Maven Central); pinned in ``nacos-server/pom.xml`` too.
@@ -209,10 +211,7 @@ class LocalServer:
         self.ensure_installed()
         self.dir.mkdir(parents=True, exist_ok=True)
         argv, env = self.command()
-        with open(self.logfile, "ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.dir, env={**os.environ, **env}, start_new_session=True,
-                                    umask=self.umask)
+        proc = spawn(argv, self.logfile, env, append=True, cwd=self.dir, umask=self.umask)
         self.pidfile.write_text(str(proc.pid))
         return proc
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from scoring.errors import InvalidParameter
+from scoring.errors import InvalidParameter, number
 from scoring.state import GpuState
 
 
@@ -65,10 +64,8 @@ class Request:
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
             raise InvalidParameter("model", f"{self.model!r} is not a model name (a string, or None for any)")
-        if (isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float))
-                or not math.isfinite(self.memory_mb) or self.memory_mb < 0):
-            raise InvalidParameter("memory_mb", f"{self.memory_mb!r} is not a memory estimate in MB "
-                                                "(a finite number ≥ 0; 0 when unknown)")
+        number("memory_mb", self.memory_mb, "a memory estimate in MB (a finite number ≥ 0; 0 when unknown)",
+               zero_allowed=True)
 
     def describe(self) -> str:
         """A short description for messages, e.g. ``"model 'llama-7b', 8192 MB"``."""

@@ -7,6 +7,7 @@ always says what was wrong and what to change.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 
@@ -58,3 +59,14 @@ class NoEligibleGpu(ScoringError):
             listed = "; ".join(f"{key}: {why}" for key, why in self.reasons.items())
             message = f"no eligible GPU for request ({request}): every GPU was dropped — {listed}"
         super().__init__(message)
+
+
+def number(parameter: str, value: object, message: str, *, zero_allowed: bool = False) -> float:
+    """``value`` as a float if it is a finite number above 0 (or ≥ 0 with ``zero_allowed``).
+
+    :raises InvalidParameter: naming ``parameter``, ``value`` and ``message`` (what it should be).
+    """
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < 0 or (value == 0 and not zero_allowed)):
+        raise InvalidParameter(parameter, f"{value!r} is not {message}")
+    return float(value)

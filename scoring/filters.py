@@ -11,12 +11,11 @@ that dropped it.  Each is O(n) in the number of candidates.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import ClassVar, Sequence
 
 from scoring.candidates import Candidate, Request
-from scoring.errors import InvalidParameter
+from scoring.errors import number
 
 #: Default for :class:`Fresh`: a reading older than this many seconds is not trusted
 #: (three missed refreshes at the workers' default 5 s period).
@@ -103,11 +102,8 @@ class Fresh(Filter):
     name = "fresh"
 
     def __init__(self, max_age_s: float = DEFAULT_MAX_AGE_S) -> None:
-        if isinstance(max_age_s, bool) or not isinstance(max_age_s, (int, float)) \
-                or not math.isfinite(max_age_s) or max_age_s <= 0:
-            raise InvalidParameter("max_age_s", f"{max_age_s!r} is not a positive number of seconds; "
-                                                "give the oldest reading to trust, e.g. 3 refresh periods")
-        self.max_age_s = float(max_age_s)
+        self.max_age_s = number("max_age_s", max_age_s, "a positive number of seconds; give the oldest "
+                                                        "reading to trust, e.g. 3 refresh periods")
         self._max_age_ms = self.max_age_s * 1000.0
 
     def keep(self, candidates: Sequence[Candidate], request: Request, now_ms: int) -> list[Candidate]:

@@ -18,7 +18,7 @@ from bisect import bisect_left, bisect_right
 from itertools import accumulate
 from typing import ClassVar, Sequence
 
-from scoring.errors import InvalidParameter
+from scoring.errors import number
 
 
 class Picker(ABC):
@@ -53,11 +53,8 @@ class WeightedRoulette(Picker):
     name = "roulette"
 
     def __init__(self, sharpness: float = 1.0) -> None:
-        if isinstance(sharpness, bool) or not isinstance(sharpness, (int, float)) \
-                or not math.isfinite(sharpness) or sharpness <= 0:
-            raise InvalidParameter("sharpness", f"{sharpness!r} is not a positive number; 1 is the plain "
-                                                "roulette, higher favours the best scores more")
-        self.sharpness = float(sharpness)
+        self.sharpness = number("sharpness", sharpness, "a positive number; 1 is the plain roulette, higher "
+                                                        "favours the best scores more")
 
     def _weights(self, scores: Sequence[float]) -> Sequence[float]:
         if self.sharpness == 1.0:

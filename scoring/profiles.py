@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
-from scoring.errors import InvalidParameter
+from scoring.errors import InvalidParameter, number
 from scoring.filters import Filter, Fresh, Healthy, MemoryFits, ModelMatches
 from scoring.pickers import Picker, PowerOfTwoChoices, WeightedRoulette
 from scoring.scorers import ExpectedWait, InFlight, Scorer, SeedFormula, Utilisation
@@ -56,11 +56,8 @@ class Profile:
         for pair in scorers:
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], Scorer)):
                 raise InvalidParameter("scorers", f"{pair!r} is not a (Scorer, weight) pair")
-            weight = pair[1]
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                    or not math.isfinite(weight) or weight < 0:
-                raise InvalidParameter("scorers", f"weight of {pair[0].name!r} is {weight!r}; "
-                                                  "weights are finite numbers ≥ 0")
+            number("scorers", pair[1], f"a weight for {pair[0].name!r}: weights are finite numbers ≥ 0",
+                   zero_allowed=True)
         total = math.fsum(weight for _, weight in scorers)
         if total <= 0:
             raise InvalidParameter("scorers", "every weight is 0; give at least one scorer a positive weight")

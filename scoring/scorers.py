@@ -14,12 +14,11 @@ than on a busy one, and no count ever drives a score to exactly zero.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import ClassVar, Sequence
 
 from scoring.candidates import Candidate, Request
-from scoring.errors import InvalidParameter
+from scoring.errors import number
 
 #: Default for :class:`InFlight`: requests in flight at which its score halves.
 DEFAULT_IN_FLIGHT_HALF_AT = 4.0
@@ -77,14 +76,22 @@ class Utilisation(Scorer):
         return [1.0 - c.state.gpu_util * 0.01 for c in candidates]
 
 
-def _half_at(value: float, unit: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise InvalidParameter("half_at", f"{value!r} is not a positive number of {unit}; it is the count "
-                                          "at which the score halves, e.g. 4")
-    return float(value)
+class _Halving(Scorer):
+    """A scorer of the form ``1 / (1 + n / half_at)``: the count ``n`` at which its score halves, validated."""
+
+    #: What ``half_at`` counts, for messages.
+    unit: ClassVar[str]
+
+    def __init__(self, half_at: float) -> None:
+        self.half_at = number("half_at", half_at, f"a positive number of {self.unit}; it is the count at "
+                                                  "which the score halves, e.g. 4")
+        self._per = 1.0 / self.half_at
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(half_at={self.half_at:g})"
 
 
-class InFlight(Scorer):
+class InFlight(_Halving):
     """Fewer requests in flight is better: ``1 / (1 + n / half_at)``.
 
     ``n`` is :attr:`Candidate.in_flight`: running there now, plus waiting for it.
@@ -94,21 +101,18 @@ class InFlight(Scorer):
     """
 
     name = "in_flight"
+    unit = "requests"
 
     def __init__(self, half_at: float = DEFAULT_IN_FLIGHT_HALF_AT) -> None:
-        self.half_at = _half_at(half_at, "requests")
-        self._per_request = 1.0 / self.half_at
+        super().__init__(half_at)
 
     def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
-        k = self._per_request
+        k = self._per
         return [1.0 / (1.0 + ((c.state.concurrent_requests if c.running is None else c.running) + c.queued) * k)
                 for c in candidates]
 
-    def __repr__(self) -> str:
-        return f"InFlight(half_at={self.half_at:g})"
 
-
-class QueueDepth(Scorer):
+class QueueDepth(_Halving):
     """A shorter line is better: ``1 / (1 + queued / half_at)``.
 
     ``queued`` is :attr:`Candidate.queued`: requests sent to the GPU and not
@@ -119,17 +123,15 @@ class QueueDepth(Scorer):
     """
 
     name = "queue_depth"
+    unit = "messages"
 
     def __init__(self, half_at: float = DEFAULT_QUEUE_HALF_AT) -> None:
-        self.half_at = _half_at(half_at, "messages")
-        self._per_message = 1.0 / self.half_at
+        super().__init__(half_at)
 
     def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
-        k = self._per_message
+        k = self._per
         return [1.0 / (1.0 + c.queued * k) for c in candidates]
 
-    def __repr__(self) -> str:
-        return f"QueueDepth(half_at={self.half_at:g})"
 
 
 class SeedFormula(Scorer):
@@ -149,7 +151,7 @@ class SeedFormula(Scorer):
                 else SEED_FLOOR for c in candidates]
 
 
-class ExpectedWait(Scorer):
+class ExpectedWait(_Halving):
     """A shorter expected wait is better: the requests on the GPU, in rounds of what it can run at once.
 
     From the ledger and the reading.  ``n`` requests are there — running and
@@ -171,13 +173,13 @@ class ExpectedWait(Scorer):
     """
 
     name = "expected_wait"
+    unit = "rounds"
 
     def __init__(self, half_at: float = DEFAULT_WAIT_HALF_AT) -> None:
-        self.half_at = _half_at(half_at, "rounds")
-        self._per_round = 1.0 / self.half_at
+        super().__init__(half_at)
 
     def scores(self, candidates: Sequence[Candidate], request: Request) -> list[float]:
-        need, k = request.memory_mb, self._per_round
+        need, k = request.memory_mb, self._per
         out = []
         append = out.append
         for c in candidates:
@@ -190,5 +192,3 @@ class ExpectedWait(Scorer):
             append(1.0 / (1.0 + (n - parallel) * k / parallel) if n > parallel else 1.0)
         return out
 
-    def __repr__(self) -> str:
-        return f"ExpectedWait(half_at={self.half_at:g})"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import celeryconfig
+from gpu_dispatch_tools import processes
 
 T = TypeVar("T")
 
@@ -32,10 +33,7 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: 
 
 def spawn(argv: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a process in its own session with its output in ``LOG_DIR/<name>.log``."""
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = open(LOG_DIR / f"{name}.log", "wb")
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+    return processes.spawn(argv, LOG_DIR / f"{name}.log", env)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:

@@ -57,7 +57,20 @@ DEFAULT_MAX_TOKENS = 32
 _WORDS = ("tensor", "kernel", "warp", "cache", "token", "shard", "queue", "stream", "block", "lane")
 
 
-class SimulatedBackend:
+class InProcessBackend:
+    """A backend with no model server of its own to check, read load from, or close."""
+
+    def health(self) -> str | None:
+        return None
+
+    def signals(self) -> dict[str, str]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class SimulatedBackend(InProcessBackend):
     """Deterministic text whose latency follows a token model scaled by the GPU's load.
 
     Time = (prompt tokens / 8 + max_tokens) × ``ms_per_token`` × (1 + 2 × utilisation),
@@ -79,14 +92,6 @@ class SimulatedBackend:
         return text, {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens,
                       "simulated_seconds": round(seconds, 4)}
 
-    def health(self) -> str | None:
-        return None
-
-    def signals(self) -> dict[str, str]:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 #: Settings named in the openai backend's messages.
@@ -402,7 +407,7 @@ def _describe(exc: BaseException) -> str:
     return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
 
 
-class PythonBackend:
+class PythonBackend(InProcessBackend):
     """A user callable ``f(prompt, max_tokens=..., **options) -> str | {"text": str, ...}``."""
 
     name = "python"
@@ -428,14 +433,6 @@ class PythonBackend:
         raise BackendError(f"{self.spec} returned {type(out).__name__}; it must return a str or a dict "
                            "with a 'text' string")
 
-    def health(self) -> str | None:
-        return None
-
-    def signals(self) -> dict[str, str]:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 def open_backend(conf: Any, gpu: Gpu, ip: str, port: int, max_connections: int | None = None) -> Backend:
