@@ -76,8 +76,8 @@ if HA:
     os.environ.setdefault("GPU_DISPATCH_BROKER_URL", _sentinels + "/0")
     os.environ.setdefault("GPU_DISPATCH_RESULT_BACKEND", _sentinels + "/1")
     os.environ.setdefault("GPU_DISPATCH_SENTINEL_MASTER", "gpu-dispatch-faults")
-    os.environ.setdefault("GPU_DISPATCH_NACOS_SERVER",
-                          f"{HA_ADDRESS}:{os.environ.get('GPU_DISPATCH_FAULTS_NACOS_PORT', 18868)}")
+    _nacos = int(os.environ.get("GPU_DISPATCH_FAULTS_NACOS_PORT", 18868))
+    os.environ.setdefault("GPU_DISPATCH_NACOS_SERVER", ",".join(f"{HA_ADDRESS}:{_nacos + 20 * n}" for n in range(3)))
 os.environ.setdefault("GPU_DISPATCH_BROKER_URL", "redis://127.0.0.1:16699/0")
 os.environ.setdefault("GPU_DISPATCH_RESULT_BACKEND", "redis://127.0.0.1:16699/1")
 os.environ.setdefault("GPU_DISPATCH_NACOS_SERVER", "127.0.0.1:18868")
@@ -86,7 +86,7 @@ os.environ.setdefault("GPU_DISPATCH_NACOS_SERVICE", "gpu-inference-faults")
 import celeryconfig  # noqa: E402
 from gpu_dispatch.contract import gpu_queue  # noqa: E402
 from gpu_dispatch_tools.processes import Supervisor, beat_argv, dispatcher_argv, gpu_worker_argv  # noqa: E402
-from gpu_dispatch_tools.servers import NacosServer, RedisSentinelSet, ServerError, local_servers  # noqa: E402
+from gpu_dispatch_tools.servers import NacosCluster, NacosServer, RedisSentinelSet, ServerError, local_servers  # noqa: E402
 
 #: Settings of every process: fast refreshes and sweeps, requests of about half a second.
 PROCESS_ENV = {"GPU_DISPATCH_GPU_SOURCE": "simulated", "GPU_DISPATCH_WORKER_IP": "127.0.0.1",
@@ -176,12 +176,15 @@ class Rig:
                 sys.exit("--ha needs a sentinel:// GPU_DISPATCH_BROKER_URL (or leave it unset)")
             self.redis = RedisSentinelSet.from_url(celeryconfig.broker_url, celeryconfig.sentinel_master,
                                                    celeryconfig.home)
-            self.nacos = NacosServer.from_addresses(celeryconfig.nacos_server_addresses, celeryconfig.home)
+            addresses = [a for a in celeryconfig.nacos_server_addresses.split(",") if a.strip()]
+            # Three addresses (the default): a 3-node cluster, so nacos-node-kill runs; one: a single node.
+            self.nacos = (NacosCluster.from_addresses(celeryconfig.nacos_server_addresses, celeryconfig.home)
+                          if len(addresses) > 1 else
+                          NacosServer.from_addresses(celeryconfig.nacos_server_addresses, celeryconfig.home))
         else:
             self.redis, self.nacos = local_servers(celeryconfig)
-        # HOOK (3-node Nacos cluster, another branch): the cluster's tooling sets this to an object with
-        # kill_node(index) -> node and start_node(node) -> str, and starts it instead of self.nacos.
-        self.nacos_cluster = None
+        #: The 3-node Nacos cluster of the HA topology (kill_node, start_node), else ``None``.
+        self.nacos_cluster = self.nacos if isinstance(self.nacos, NacosCluster) else None
         self.started = [s for s in (self.redis, self.nacos) if not s.answering()]
         self.supervisor = Supervisor(log_dir)
         self.log_dir = log_dir
@@ -324,11 +327,10 @@ def host_cut(rig: Rig, outage_s: float, notes: dict) -> float:
 
 
 def nacos_node_kill(rig: Rig, outage_s: float, notes: dict) -> None:
-    """HOOK (3-node Nacos cluster): kill -9 one Nacos node of three mid-load, start it again after
-    ``outage_s``.  The cluster tooling plugs in by setting ``rig.nacos_cluster`` (see :class:`Rig`)."""
+    """kill -9 one Nacos node of three mid-load, start it again after ``outage_s`` (it rejoins)."""
     cluster = rig.nacos_cluster
     if cluster is None:
-        raise FaultUnavailable("needs the 3-node Nacos cluster tooling (not on this branch)")
+        raise FaultUnavailable("needs the --ha topology with three Nacos addresses (a 3-node cluster)")
     node = cluster.kill_node(1)
     notes["killed"] = str(node)
     time.sleep(outage_s)
@@ -342,7 +344,7 @@ def unavailable(rig: Rig, name: str) -> str | None:
     if name == "host-cut" and not rig.hosts:
         return f"needs separate hosts (network namespaces): {NO_HOSTS}"
     if name == "nacos-node-kill" and rig.nacos_cluster is None:
-        return "needs the 3-node Nacos cluster tooling (HOOK: Rig.nacos_cluster; not on this branch)"
+        return "needs the --ha topology with three Nacos addresses (a 3-node cluster)"
     return None
 
 

@@ -1005,6 +1005,16 @@ class NacosCluster:
     def status(self) -> list[Status]:
         return [node.status() for node in self.nodes]
 
+    def kill_node(self, index: int) -> "NacosServer":
+        """SIGKILL one node (fault injection); the other two go on serving."""
+        node = self.nodes[index]
+        print(f"  {node.kill()}")
+        return node
+
+    def start_node(self, node: "NacosServer", timeout: float = START_TIMEOUT * 3) -> str:
+        """Start a killed node again; it rejoins with its own data and the others' instances."""
+        return node.start(timeout=timeout)
+
 
 def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.strip().rpartition(":")

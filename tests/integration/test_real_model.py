@@ -114,12 +114,36 @@ def test_concurrent_streamed_requests_all_run_to_their_end(backend):
             usage.get("finish_reason") == "stop", usage
 
 
-def test_a_repeated_long_prefix_is_served_from_the_prompt_cache(backend):
-    prefix = "You are a careful assistant for a GPU cluster. " * 30  # ~330 tokens
+def _log_since(server, offset: int) -> str:
+    return server.log_path.read_bytes()[offset:].decode(errors="replace")
+
+
+def test_a_repeated_long_prefix_is_served_from_the_prompt_cache(server, backend):
+    """A prefix seen before an unrelated request comes back from the RAM cache (``--cache``).
+
+    A hit is not free: it restores a saved state, whose logits buffer (n_batch x Gemma's
+    262,144-token vocabulary, 67 MB at n_batch 64) is copied back — 0.1-0.5 s on the
+    2-core VM.  So the prefix is ~700 tokens, where prefilling it costs 1.2-1.7 s; at
+    ~300 tokens hit and prefill cost about the same, and this test would fail.
+    """
+    prefix = "You are a careful assistant for a GPU cluster. " * 70  # ~700 tokens
     _, first = backend.complete(prefix + "Question: what is a kernel?", max_tokens=4, temperature=0.0)
     backend.complete("Something else entirely, to move the server's state away.", max_tokens=4)
+    offset = server.log_path.stat().st_size
     _, again = backend.complete(prefix + "Question: what is a warp?", max_tokens=4, temperature=0.0)
+    assert "Llama._create_completion: cache hit" in _log_since(server, offset)
     assert again["ttft_ms"] < 0.7 * first["ttft_ms"], (first, again)
+
+
+def test_a_prefix_shared_with_the_previous_request_skips_its_prefill(server, backend):
+    """Without the RAM cache: the server keeps its KV state and reuses the prefix the
+    previous prompt shares with the next one (``N prefix-match hit``) — ~20 ms here."""
+    prefix = "Context for the on-call engineer: a GPU worker restarted. " * 25  # ~300 tokens
+    _, first = backend.complete(prefix + "What failed?", max_tokens=4, temperature=0.0)
+    offset = server.log_path.stat().st_size
+    _, again = backend.complete(prefix + "What recovered?", max_tokens=4, temperature=0.0)
+    assert "prefix-match hit" in _log_since(server, offset)
+    assert again["ttft_ms"] < 0.5 * first["ttft_ms"], (first, again)
 
 
 def test_a_killed_model_server_gives_a_backend_error_naming_url_and_setting(model_path, tmp_path):
