@@ -36,8 +36,10 @@ Nacos then listen on the bridge address too.  Its faults:
   its worker's lease runs out (``GPU_DISPATCH_LEASE_SECONDS``) and what it
   held is re-dispatched; every such request must be answered by another
   GPU, as attempt 2 or later;
-- **nacos-node-kill** — a hook: one Nacos node of three killed, for the
-  3-node Nacos cluster tooling to plug in (skipped until it does).
+- **nacos-node-kill** — one node of the 3-node Nacos cluster killed (kill -9)
+  mid-load, started again 30 s later (it rejoins).  It runs wherever
+  GPU_DISPATCH_NACOS_SERVER names three addresses (``--ha``'s default; the
+  plain topology too), and is skipped, saying so, with one.
 
 ``--json PATH`` writes the rows, with each fault's details, for tests.
 
@@ -86,7 +88,7 @@ os.environ.setdefault("GPU_DISPATCH_NACOS_SERVICE", "gpu-inference-faults")
 import celeryconfig  # noqa: E402
 from gpu_dispatch.contract import gpu_queue  # noqa: E402
 from gpu_dispatch_tools.processes import Supervisor, beat_argv, dispatcher_argv, gpu_worker_argv  # noqa: E402
-from gpu_dispatch_tools.servers import NacosCluster, NacosServer, RedisSentinelSet, ServerError, local_servers  # noqa: E402
+from gpu_dispatch_tools.servers import NacosCluster, RedisSentinelSet, ServerError, local_nacos, local_servers  # noqa: E402
 
 #: Settings of every process: fast refreshes and sweeps, requests of about half a second.
 PROCESS_ENV = {"GPU_DISPATCH_GPU_SOURCE": "simulated", "GPU_DISPATCH_WORKER_IP": "127.0.0.1",
@@ -171,19 +173,17 @@ class Rig:
         self.hosts = testhosts.Hosts(2, adopt=True) if ha and NO_HOSTS is None else None
         if self.hosts is not None:
             self.hosts.create()
+        # One Nacos address: a single node; three (--ha's default): a 3-node cluster, for nacos-node-kill.
+        cluster = len(_nacos_addresses()) > 1
         if ha:
             if not celeryconfig.broker_url.startswith("sentinel://"):
                 sys.exit("--ha needs a sentinel:// GPU_DISPATCH_BROKER_URL (or leave it unset)")
             self.redis = RedisSentinelSet.from_url(celeryconfig.broker_url, celeryconfig.sentinel_master,
                                                    celeryconfig.home)
-            addresses = [a for a in celeryconfig.nacos_server_addresses.split(",") if a.strip()]
-            # Three addresses (the default): a 3-node cluster, so nacos-node-kill runs; one: a single node.
-            self.nacos = (NacosCluster.from_addresses(celeryconfig.nacos_server_addresses, celeryconfig.home)
-                          if len(addresses) > 1 else
-                          NacosServer.from_addresses(celeryconfig.nacos_server_addresses, celeryconfig.home))
+            self.nacos = local_nacos(celeryconfig, cluster=cluster)
         else:
-            self.redis, self.nacos = local_servers(celeryconfig)
-        #: The 3-node Nacos cluster of the HA topology (kill_node, start_node), else ``None``.
+            self.redis, self.nacos = local_servers(celeryconfig, ha=cluster)
+        #: The 3-node Nacos cluster (kill_node, start_node), else ``None``.
         self.nacos_cluster = self.nacos if isinstance(self.nacos, NacosCluster) else None
         self.started = [s for s in (self.redis, self.nacos) if not s.answering()]
         self.supervisor = Supervisor(log_dir)
@@ -233,6 +233,10 @@ class Rig:
         finally:
             if self.hosts is not None:
                 self.hosts.remove()
+
+
+def _nacos_addresses() -> list[str]:
+    return [a for a in celeryconfig.nacos_server_addresses.split(",") if a.strip()]
 
 
 def wait_for_gpus(view, count: int, timeout: float = 90) -> None:
@@ -330,9 +334,9 @@ def nacos_node_kill(rig: Rig, outage_s: float, notes: dict) -> None:
     """kill -9 one Nacos node of three mid-load, start it again after ``outage_s`` (it rejoins)."""
     cluster = rig.nacos_cluster
     if cluster is None:
-        raise FaultUnavailable("needs the --ha topology with three Nacos addresses (a 3-node cluster)")
+        raise FaultUnavailable("needs three Nacos addresses in GPU_DISPATCH_NACOS_SERVER (a 3-node cluster; --ha's default)")
     node = cluster.kill_node(1)
-    notes["killed"] = str(node)
+    notes["killed"] = node.address
     time.sleep(outage_s)
     print(f"  {cluster.start_node(node)}")
 
@@ -344,7 +348,7 @@ def unavailable(rig: Rig, name: str) -> str | None:
     if name == "host-cut" and not rig.hosts:
         return f"needs separate hosts (network namespaces): {NO_HOSTS}"
     if name == "nacos-node-kill" and rig.nacos_cluster is None:
-        return "needs the --ha topology with three Nacos addresses (a 3-node cluster)"
+        return "needs three Nacos addresses in GPU_DISPATCH_NACOS_SERVER (a 3-node cluster; --ha's default)"
     return None
 
 

@@ -11,6 +11,13 @@ more, at most :data:`RECONNECT_MAX_S` — after a Sentinel failover (about 3 s)
 a worker consumes again within half a second of the new primary, not at the
 next of 2, 6, 12 s (``docs/reliability.md``).  Selected by
 ``celeryconfig.worker_consumer``.
+
+And it has no Gossip step (as ``--without-gossip``): gossip is workers watching
+each other (worker-online events, elections) and nothing here uses it — liveness is
+the broker leases', Flower and ``celery inspect`` use events and remote control —
+while on every broker reconnect its restart failed on the closed connection and
+logged a traceback at ERROR (``Error on restarting Gossip: AttributeError``, kin of
+kombu #582).
 """
 
 from __future__ import annotations
@@ -30,7 +37,14 @@ RECONNECT_STEP_S = 0.5
 RECONNECT_MAX_S = 2.0
 
 
+#: Celery's consumer steps we leave out (see the module docstring).
+LEFT_OUT_STEPS = ("celery.worker.consumer.gossip:Gossip",)
+
+
 class Consumer(CeleryConsumer):
+    class Blueprint(CeleryConsumer.Blueprint):
+        default_steps = [step for step in CeleryConsumer.Blueprint.default_steps if step not in LEFT_OUT_STEPS]
+
     def ensure_connected(self, conn):
         # Celery calls conn.ensure_connection(errback, max_retries, callback=...) with kombu's intervals.
         conn.ensure_connection = functools.partial(conn.ensure_connection, interval_start=RECONNECT_STEP_S,

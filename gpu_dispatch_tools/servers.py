@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -749,8 +750,10 @@ class NacosServer(LocalServer):
                 return reply.status, reply.read().decode(errors="replace")
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode(errors="replace")
-        except (OSError, urllib.error.URLError) as exc:
-            return 0, str(exc)
+        except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
+            # HTTPException: a node still starting may answer with something that is not HTTP yet
+            # (seen: the request line echoed back, BadStatusLine) — not ready, like a closed port.
+            return 0, f"{type(exc).__name__}: {exc}"
 
     def request(self, method: str, path: str, params: dict[str, str]) -> tuple[int, str]:
         """Call Nacos's HTTP API (``/nacos`` + ``path``), logged in as the admin when auth is on."""
@@ -767,7 +770,7 @@ class NacosServer(LocalServer):
                 return reply.status, reply.read().decode(errors="replace")
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode(errors="replace")
-        except (OSError, urllib.error.URLError, ValueError, KeyError) as exc:
+        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError, KeyError) as exc:
             return 0, str(exc)
 
     # -- build -------------------------------------------------------------------
@@ -1077,10 +1080,14 @@ def _apt_install(packages: list[str], otherwise: str) -> None:
 def local_servers(conf: object, ha: bool = False) -> tuple[RedisServer, NacosServer | NacosCluster]:
     """The Redis and Nacos servers named by the settings (``celeryconfig`` or ``app.conf``): Nacos
     standalone, or a :class:`NacosCluster` with ``ha``; auth on when a Nacos user is configured."""
+    return RedisServer.from_url(conf.broker_url, conf.home), local_nacos(conf, cluster=ha)
+
+
+def local_nacos(conf: object, cluster: bool = False) -> NacosServer | NacosCluster:
+    """The Nacos the settings name: one node, or with ``cluster`` a :class:`NacosCluster` (of the three
+    addresses given, or of three nodes from the one); auth on when a Nacos user is configured."""
     auth = NacosAuth.from_settings(conf.nacos_username, conf.nacos_password)
-    nacos = NacosCluster if ha else NacosServer
-    return (RedisServer.from_url(conf.broker_url, conf.home),
-            nacos.from_addresses(conf.nacos_server_addresses, conf.home, auth=auth))
+    return (NacosCluster if cluster else NacosServer).from_addresses(conf.nacos_server_addresses, conf.home, auth=auth)
 
 
 def ha_redis(conf: object, **options: Any) -> RedisSentinelSet:
@@ -1093,8 +1100,7 @@ def ha_redis(conf: object, **options: Any) -> RedisSentinelSet:
 def local_ha_servers(conf: object) -> list:
     """The servers of the highly available topology (``gpu-dispatch servers up --ha``): Redis with Sentinel
     and a 3-node Nacos cluster, each with ``start``/``stop``/``status``."""
-    auth = NacosAuth.from_settings(conf.nacos_username, conf.nacos_password)
-    return [ha_redis(conf), NacosCluster.from_addresses(conf.nacos_server_addresses, conf.home, auth=auth)]
+    return [ha_redis(conf), local_nacos(conf, cluster=True)]
 
 
 def _alive(pid: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -108,3 +109,45 @@ def start_beat(service: str, env: dict[str, str] | None = None) -> CeleryProcess
     return CeleryProcess([PYTHON, "-m", "celery", "-A", "gpu_dispatch", "beat", "--schedule", str(schedule),
                           "--loglevel", "info"], f"beat-{service}",
                          {"GPU_DISPATCH_NACOS_SERVICE": service, **(env or {})})
+
+
+#: The repository's root: where ``python -m bench.…`` runs.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench_fault(fault: str, env: dict[str, str], *, ha: bool, deadline_s: float, name: str | None = None) -> dict:
+    """``python -m bench.faults [--ha] --short --only FAULT`` with ``env`` over this process's; its row.
+
+    Fails the test, with the log's tail, when it does not finish within ``deadline_s`` (it is then
+    stopped with SIGTERM, on which it stops its workers) or writes no row.
+    """
+    import pytest
+
+    name = name or fault
+    out, log = LOG_DIR / f"{name}.json", LOG_DIR / f"{name}.log"
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "GPU_DISPATCH_FAULTS_LOGS": str(LOG_DIR / name), "PYTHONUNBUFFERED": "1", **env}
+    argv = [PYTHON, "-m", "bench.faults", *(["--ha"] if ha else []), "--short", "--only", fault, "--json", str(out)]
+    begun = time.monotonic()
+    with open(log, "wb") as output:
+        bench = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            bench.wait(deadline_s)
+        except subprocess.TimeoutExpired:
+            bench.terminate()
+            try:
+                bench.wait(60)
+            except subprocess.TimeoutExpired:
+                bench.kill()
+                bench.wait()
+            pytest.fail(f"{fault} did not finish within {deadline_s:g} s:\n{_tail(log)}")
+    took = time.monotonic() - begun
+    assert out.exists(), f"{fault} wrote no row (exit status {bench.returncode}):\n{_tail(log)}"
+    (row,) = json.loads(out.read_text())
+    print(f"\n{fault} in {took:.0f} s: {row}")
+    return row
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -19,11 +19,7 @@ Nacos port - 20, with its gRPC and JRaft ports).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
@@ -31,7 +27,7 @@ import celeryconfig
 from gpu_dispatch_tools import testhosts
 from gpu_dispatch_tools.servers import NacosServer, RedisSentinelSet
 from tests.conftest import REDIS_PASSWORD, TEST_NACOS_PORT, TEST_REDIS_PORT
-from tests.support import LOG_DIR, PYTHON, wait_until
+from tests.support import run_bench_fault, wait_until
 
 pytestmark = [pytest.mark.ha, pytest.mark.timeout(300)]
 
@@ -42,7 +38,6 @@ MASTER = "gpu-dispatch-test-ha"
 FAULT_DEADLINE_S = 170
 #: Requests a failover may lose: none (docs/reliability.md, "Redis primary killed").
 FAILOVER_LOSS_BOUND = 0
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -82,34 +77,8 @@ def run_fault(topology: dict, fault: str, env: dict[str, str] | None = None) -> 
     """``python -m bench.faults --ha --short --only FAULT`` against this module's servers; its row."""
     name = f"ha-{fault}" + "".join(f"-{k.removeprefix('GPU_DISPATCH_').lower()}{v}"
                                    for k, v in (env or {}).items())
-    out, log = LOG_DIR / f"{name}.json", LOG_DIR / f"{name}.log"
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    out.unlink(missing_ok=True)
-    env = {**os.environ, **topology["env"], "GPU_DISPATCH_NACOS_SERVICE": f"gpu-inference-test-ha-{fault}",
-           "GPU_DISPATCH_FAULTS_LOGS": str(LOG_DIR / name), "PYTHONUNBUFFERED": "1", **(env or {})}
-    begun = time.monotonic()
-    with open(log, "wb") as output:
-        bench = subprocess.Popen([PYTHON, "-m", "bench.faults", "--ha", "--short", "--only", fault, "--json", str(out)],
-                                 cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            bench.wait(FAULT_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            bench.terminate()  # it stops its workers on SIGTERM
-            try:
-                bench.wait(60)
-            except subprocess.TimeoutExpired:
-                bench.kill()
-                bench.wait()
-            pytest.fail(f"{fault} did not finish within {FAULT_DEADLINE_S} s:\n{_tail(log)}")
-    took = time.monotonic() - begun
-    assert out.exists(), f"{fault} wrote no row (exit status {bench.returncode}):\n{_tail(log)}"
-    (row,) = json.loads(out.read_text())
-    print(f"\n{fault} in {took:.0f} s: {row}")
-    return row
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    env = {**topology["env"], "GPU_DISPATCH_NACOS_SERVICE": f"gpu-inference-test-ha-{fault}", **(env or {})}
+    return run_bench_fault(fault, env, ha=True, deadline_s=FAULT_DEADLINE_S, name=name)
 
 
 @pytest.mark.parametrize("replica_wait", ["0", "1"], ids=["async-replication", "replica-wait"])

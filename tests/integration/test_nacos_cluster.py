@@ -1,5 +1,6 @@
 """The highly available registry: three Nacos nodes as one cluster on this machine (cluster mode,
-embedded storage replicated by JRaft, auth on), started and stopped by our tooling."""
+embedded storage replicated by JRaft, auth on), started and stopped by our tooling — and dispatch over
+it while one node is killed (``bench/faults.py``'s ``nacos-node-kill``, short form)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import celeryconfig
 from gpu_dispatch.registry import Registry
 from gpu_dispatch_tools.servers import NacosAuth, NacosCluster
 from tests.conftest import TEST_NACOS_HA_PORT, TEST_NACOS_PORT
-from tests.support import wait_until
+from tests.support import run_bench_fault, wait_until
 
 #: Seconds within which an instance registered through one node is listed by another (Distro sync).
 SYNC_DEADLINE = 15.0
+#: Seconds the node-kill fault's run may take: its workers' start, 5 s of load, 30 s with a node down,
+#: the node's restart (up to a minute here), 10 s more, the last outcomes.
+FAULT_DEADLINE_S = 240
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
     nacos = NacosCluster("127.0.0.1", [TEST_NACOS_HA_PORT + 20 * i for i in range(3)], celeryconfig.home,
                          auth=NacosAuth(celeryconfig.nacos_username, celeryconfig.nacos_password))
@@ -74,3 +78,24 @@ def test_a_three_node_cluster_survives_a_killed_node_which_rejoins(cluster, serv
         for registry in made:
             registry.close()
     mark("both instances listed by the node that rejoined")
+
+
+@pytest.mark.ha
+@pytest.mark.timeout(FAULT_DEADLINE_S + 90)
+def test_one_nacos_node_of_three_killed_mid_load_loses_nothing_and_fails_nothing(cluster, service_name):
+    """Every worker and the dispatcher know all three nodes; one is killed (kill -9) mid-load and
+    started 30 s later.  The clients move to the nodes left: no request lost, none refused, no
+    NoGpuAvailable (the GPUs were healthy throughout), no worker exited."""
+    row = run_bench_fault("nacos-node-kill", {"GPU_DISPATCH_NACOS_SERVER": cluster.addresses,
+                                              "GPU_DISPATCH_NACOS_SERVICE": service_name},
+                          ha=False, deadline_s=FAULT_DEADLINE_S)
+    assert not row["skipped"], row["skipped"]
+    assert row["sent"] > 100, "the load did not run"
+    assert row["answered"] + sum(row["errors"].values()) + row["lost"] == row["sent"] - row["refused"]
+    assert row["lost"] == 0 and row["refused"] == 0, row
+    assert not row["errors"], row["errors"]
+    assert row["exited"] == [] and row["duplicates"] == 0, row
+    assert row["details"]["killed"], row
+    # A node's death is not a registry outage: dispatch never stopped for it.
+    assert row["stall_s"] < 5, row
+    assert all(node.answering() for node in cluster.nodes), "the killed node rejoined"

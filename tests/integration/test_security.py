@@ -5,7 +5,6 @@ worker pages, worker logs or instance metadata."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import urllib.request

@@ -69,3 +69,12 @@ def test_the_nacos_sdk_internals_the_registry_uses_are_still_there():
     assert hasattr(config.grpc_config, "port_offset") and hasattr(config.grpc_config, "grpc_timeout")
     assert "grpc_client_proxy" in inspect.getsource(NacosNamingService)
     assert {"clusterName", "weight", "enabled", "healthy", "metadata"} <= set(Instance.model_fields)
+
+
+def test_the_consumer_steps_gpu_dispatch_consumer_leaves_out_are_still_celerys_and_only_those_go():
+    from gpu_dispatch.consumer import LEFT_OUT_STEPS, Consumer as Ours
+
+    celerys = Consumer.Blueprint.default_steps
+    assert set(LEFT_OUT_STEPS) <= set(celerys), "Celery renamed a step gpu_dispatch/consumer.py leaves out"
+    assert Ours.Blueprint.default_steps == [step for step in celerys if step not in LEFT_OUT_STEPS]
+    assert Ours.Blueprint.name == Consumer.Blueprint.name
