@@ -141,13 +141,10 @@ def run_bench_fault(fault: str, env: dict[str, str], *, ha: bool, deadline_s: fl
             except subprocess.TimeoutExpired:
                 bench.kill()
                 bench.wait()
-            pytest.fail(f"{fault} did not finish within {deadline_s:g} s:\n{_tail(log)}")
+            pytest.fail(f"{fault} did not finish within {deadline_s:g} s:\n{log_tail(name)}")
     took = time.monotonic() - begun
-    assert out.exists(), f"{fault} wrote no row (exit status {bench.returncode}):\n{_tail(log)}"
+    assert out.exists(), f"{fault} wrote no row (exit status {bench.returncode}):\n{log_tail(name)}"
     (row,) = json.loads(out.read_text())
     print(f"\n{fault} in {took:.0f} s: {row}")
     return row
 
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
